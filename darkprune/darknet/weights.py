@@ -185,7 +185,7 @@ def random_params(graph: Graph, seed: int = 0) -> dict[int, dict[str, np.ndarray
         for name, shape in arrays:
             if name == "weights" and layer.type in ("convolutional", "connected", "local"):
                 fan_in = int(np.prod(shape[1:])) if layer.type != "local" else layer.in_shape[0] * layer.attrs["size"] ** 2
-                out[name] = (rng.standard_normal(shape) * np.sqrt(2.0 / max(fan_in, 1))).astype(np.float32)
+                out[name] = rng.standard_normal(shape, dtype=np.float32) * np.float32(np.sqrt(2.0 / max(fan_in, 1)))
             elif name == "weights":      # shortcut fusion weights: start as a plain sum
                 out[name] = np.ones(shape, dtype=np.float32)
             elif name in ("scales", "rolling_variance"):
