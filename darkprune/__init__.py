@@ -2,10 +2,51 @@
 
     import darkprune as dp
     model = dp.load("yolo.cfg", "yolo.weights")
+    data = dp.load_data("coco.data", split="valid")
+    print(dp.evaluate(model, data))
+    boxes = dp.detect(model, ["dog.jpg"])
 """
 __version__ = "0.1.0"
+
+import importlib as _importlib  # noqa: E402
+import sys as _sys  # noqa: E402
+import types as _types  # noqa: E402
 
 from .darknet import Model, load          # noqa: E402
 from .errors import DarkpruneError        # noqa: E402
 
-__all__ = ["__version__", "Model", "load", "DarkpruneError"]
+__all__ = ["__version__", "Model", "load", "DarkpruneError", "load_data", "evaluate", "detect"]
+
+# Loaded on first use: they pull in the numba engine, OpenCV and tqdm (~2 s), which `import darkprune` (and so
+# `darkprune info`/`--help`) need not pay. `detect` and `evaluate` are also the names of submodules; when Python
+# first imports such a submodule it binds it as a package attribute, which would hide the function. Properties on
+# the package's class keep the functions in place (the setter drops that binding; other values override).
+_LAZY = {"load_data": ("darkprune.data", "load_data"), "evaluate": ("darkprune.evaluate", "evaluate"),
+         "detect": ("darkprune.detect", "detect")}
+
+
+def _lazy_property(name: str, module: str, attr: str) -> property:
+    def get(package):
+        override = package.__dict__.get("_overrides", {})
+        if name in override:
+            return override[name]
+        return getattr(_importlib.import_module(module), attr)
+
+    def put(package, value):
+        if isinstance(value, _types.ModuleType):
+            return  # the submodule binding made by the import system
+        package.__dict__.setdefault("_overrides", {})[name] = value
+
+    def drop(package):
+        package.__dict__.get("_overrides", {}).pop(name, None)
+
+    return property(get, put, drop)
+
+
+class _Package(_types.ModuleType):
+    pass
+
+
+for _name, (_module, _attr) in _LAZY.items():
+    setattr(_Package, _name, _lazy_property(_name, _module, _attr))
+_sys.modules[__name__].__class__ = _Package

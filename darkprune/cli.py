@@ -63,6 +63,15 @@ def cmd_info(args) -> int:
     return 0
 
 
+@command("bench")
+def cmd_bench(args) -> int:
+    from .bench import bench, format_bench
+    result = bench(args.cfg, args.weights, batch=args.batch, threads=args.threads, repeats=args.repeats,
+                   memory=args.memory)
+    emit(args, result, format_bench(result))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="darkprune",
@@ -78,6 +87,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("weights", nargs="?", help="Darknet .weights file (optional)")
     p.add_argument("--lenient", action="store_true",
                    help="accept a weights file that stops early (Darknet's partial load, e.g. backbone weights)")
+    _common(p)
+
+    p = sub.add_parser("bench", help="latency of our engine vs OpenCV's Darknet importer on the same input",
+                       description="Run the same random batch through darkprune's engine and OpenCV's Darknet "
+                                   "importer with the same thread count; warm-up excluded, median of repeated runs.")
+    p.add_argument("cfg")
+    p.add_argument("weights", nargs="?", help="(optional: seeded random weights otherwise)")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--memory", action="store_true", help="also measure peak memory of each engine (child processes)")
     _common(p)
 
     for register in _EXTRA_PARSERS:
@@ -108,6 +128,10 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
+
+
+from . import cli_run  # noqa: E402,F401  (registers `run` and `eval`)
+from . import cli_prune  # noqa: E402,F401  (registers `ana`, `prune`, `transform`, `sweep`)
 
 
 if __name__ == "__main__":

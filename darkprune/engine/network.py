@@ -43,6 +43,20 @@ class Network:
         # last_use[i] = the last layer that reads layer i's output (the output itself if none)
         self.last_use = {i: max(consumers.get(i, [i])) for i in range(-1, len(self.graph))}
 
+    def variant(self, overrides: dict[int, dict[str, np.ndarray]]) -> "Network":
+        """A Network for the same graph with some layers' parameters replaced; only those layers are prepared
+        again (the sensitivity analysis builds hundreds of such variants, each differing in a few layers)."""
+        other = object.__new__(Network)
+        other.__dict__.update(self.__dict__)
+        params = dict(self.model.params)
+        params.update(overrides)
+        other.model = Model(self.model.cfg, self.graph, params, self.model.header, self.model.cfg_path,
+                            self.model.weights_path)
+        other._prepared = dict(self._prepared)
+        for index in overrides:
+            other._prepared[index] = other._prepare(self.graph[index])
+        return other
+
     # -- preparation ------------------------------------------------------------------------------------------
     def _prepare(self, layer: Layer) -> tuple:
         p = self.model.params.get(layer.index, {})

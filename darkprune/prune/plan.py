@@ -1,0 +1,144 @@
+"""Choosing per-group pruning rates from a sensitivity analysis.
+
+`--threshold LOSS`: Darknet's (and Vitis AI's) notion. LOSS is the accuracy each group may cost on its own, in the
+model's metric (mAP@0.5 or top-1, absolute: 0.01 = one point); each group gets the largest analysed rate whose
+measured loss is at most LOSS.
+
+`--rate F`: the share F of the model's BFLOPs to remove. We pick, among the analysed rates, per-group rates whose
+combined saving reaches F with the least predicted loss (losses of different groups are taken as additive): a greedy
+walk along each group's lower convex hull of (BFLOPs saved, loss), always taking the step with the smallest loss per
+BFLOP saved, with the saving of the combined plan measured exactly (pruning two neighbouring groups saves more
+than the sum of each alone, since a conv then loses inputs and filters).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..errors import DarkpruneError
+from .criteria import channel_scores, channels_to_prune
+from .masks import Masks, live_stats
+
+
+@dataclass
+class Plan:
+    rates: dict[int, float]                                 # group id -> rate
+    mode: str                                               # "threshold" or "rate"
+    target: float
+    predicted_loss: float = 0.0
+    criterion: str = "l1"                                   # how channels are ranked inside a group
+    divisible: int = 1                                      # kept channels rounded up to a multiple of this
+    details: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {"mode": self.mode, "target": self.target, "predicted_loss": self.predicted_loss,
+                "criterion": self.criterion, "divisible": self.divisible,
+                "rates": {str(g): r for g, r in sorted(self.rates.items())}, "details": self.details}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "Plan":
+        return cls({int(g): float(r) for g, r in data["rates"].items()}, data["mode"], float(data["target"]),
+                   float(data.get("predicted_loss", 0.0)), data.get("criterion", "l1"),
+                   int(data.get("divisible", 1)), data.get("details", {}))
+
+
+def masks_for_plan(model, plan: Plan, exclude=()) -> Masks:
+    """Which channels each group loses at its planned rate: the lowest-ranked by the plan's criterion."""
+    pruned = {}
+    for gid, rate in plan.rates.items():
+        if rate <= 0:
+            continue
+        chans = channels_to_prune(channel_scores(model, gid, plan.criterion), rate, plan.divisible)
+        if len(chans):
+            pruned[gid] = chans
+    return Masks.for_model(model, pruned, exclude)
+
+
+def plan_by_threshold(sensitivity, threshold: float, divisible: int = 1, exclude=()) -> Plan:
+    if threshold < 0:
+        raise DarkpruneError(f"--threshold {threshold}: the accuracy loss a layer may cost must be >= 0")
+    baseline = sensitivity.baseline
+    if threshold >= baseline:
+        raise DarkpruneError(f"--threshold {threshold} is not below the model's {sensitivity.metric} "
+                             f"({baseline:.4f}): every layer could then lose everything and be emptied; pick a "
+                             f"threshold like 0.01 (one point)")
+    rates, predicted = {}, 0.0
+    for gid, curve in sensitivity.curves.items():
+        if gid in exclude:
+            continue
+        best, best_loss = 0.0, 0.0
+        for rate, metric in sorted(curve.items()):
+            loss = baseline - metric
+            if loss <= threshold + 1e-12 and rate > best:
+                best, best_loss = rate, loss
+        if best > 0:
+            rates[gid] = best
+            predicted += max(best_loss, 0.0)
+    return Plan(rates, "threshold", threshold, predicted, sensitivity.criterion, divisible)
+
+
+def plan_by_rate(model, sensitivity, fraction: float, divisible: int = 1, exclude=()) -> Plan:
+    if not 0 < fraction < 1:
+        raise DarkpruneError(f"--rate {fraction}: the share of BFLOPs to remove must be between 0 and 1")
+    baseline = sensitivity.baseline
+    total = model.graph.total_bflops
+    if total <= 0:
+        raise DarkpruneError(f"{model.cfg_path}: the model has no BFLOPs to remove (Darknet counts none for its layers)")
+    target = fraction * total
+
+    # per-group candidate steps: (rate, saving alone, loss), on the lower convex hull of loss against saving
+    def saving_of(rates: dict[int, float]) -> float:
+        masks = masks_for_plan(model, Plan(rates, "rate", fraction, 0.0, sensitivity.criterion, divisible))
+        return total - live_stats(model, masks)["total_bflops"]
+
+    hulls: dict[int, list[tuple[float, float, float]]] = {}
+    for gid, curve in sensitivity.curves.items():
+        if gid in exclude:
+            continue
+        points = [(0.0, 0.0, 0.0)]
+        for rate, metric in sorted(curve.items()):
+            points.append((rate, saving_of({gid: rate}), max(baseline - metric, 0.0)))
+        hulls[gid] = _lower_hull(points)
+    position = {gid: 0 for gid in hulls}
+    current = {gid: 0.0 for gid in hulls}
+    achieved, predicted = 0.0, 0.0
+    while achieved < target:
+        best = None
+        for gid, hull in hulls.items():
+            k = position[gid]
+            if k + 1 >= len(hull):
+                continue
+            (_, s0, l0), (r1, s1, l1) = hull[k], hull[k + 1]
+            slope = (l1 - l0) / max(s1 - s0, 1e-12)
+            if best is None or slope < best[0]:
+                best = (slope, gid, r1, l1 - l0)
+        if best is None:
+            raise DarkpruneError(f"--rate {fraction}: even the largest analysed rates of every group remove only "
+                                 f"{achieved / total:.1%} of the BFLOPs; analyse larger rates (--rates) or ask less")
+        _, gid, rate, dloss = best
+        position[gid] += 1
+        current[gid] = rate
+        predicted += dloss
+        achieved = saving_of({g: r for g, r in current.items() if r > 0})
+    rates = {g: r for g, r in current.items() if r > 0}
+    return Plan(rates, "rate", fraction, predicted, sensitivity.criterion, divisible,
+                {"bflops_removed": achieved, "bflops_total": total})
+
+
+def _lower_hull(points: list[tuple[float, float, float]]) -> list[tuple[float, float, float]]:
+    """Points (rate, saving, loss) sorted by saving; keep those on the lower convex hull (the efficient steps)."""
+    pts = sorted(points, key=lambda p: (p[1], p[2]))
+    hull: list[tuple[float, float, float]] = []
+    for p in pts:
+        if hull and p[1] <= hull[-1][1] + 1e-15:
+            if p[2] < hull[-1][2] and len(hull) > 1:
+                hull[-1] = p
+            continue
+        while len(hull) >= 2:
+            (_, x1, y1), (_, x2, y2) = hull[-2], hull[-1]
+            if (y2 - y1) * (p[1] - x1) >= (p[2] - y1) * (x2 - x1):   # hull[-1] is above the chord: drop it
+                hull.pop()
+            else:
+                break
+        hull.append(p)
+    return hull
+
