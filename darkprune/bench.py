@@ -98,30 +98,33 @@ def _reset_peak() -> bool:
 
 
 def measure_peak_child(engine: str, cfg: str, weights: str | None, batch: int, threads: int) -> float:
-    """Runs inside the child: returns the peak RSS rise (MB) of one inference after a warm-up."""
+    """Runs inside the child: the rise of peak RSS (MB) while running `batch`-image inferences, over the RSS after a
+    one-image warm-up (JIT code and the model itself are then loaded; what is measured is the working memory of
+    inference at this batch size: activations, workspaces, and for OpenCV its re-allocated blobs)."""
     model = load(cfg, weights)
     set_threads(threads)
     c, h, w = model.input_shape
+    warm = np.random.default_rng(1).random((1, c, h, w), dtype=np.float32)
     x = np.random.default_rng(0).random((batch, c, h, w), dtype=np.float32)
     if engine == "ours":
         from .engine.network import Network
         network = Network(model)
-        run = lambda: network.forward(x)  # noqa: E731
+        run = network.forward
     else:
         tmp = tempfile.mkdtemp()
         net = _opencv_net(model, Path(tmp))
         names = net.getUnconnectedOutLayersNames()
 
-        def run():
-            net.setInput(x)
+        def run(inputs):
+            net.setInput(inputs)
             return net.forward(names)
-    out = run()          # warm-up: JIT, lazy allocation
-    del out
+    run(warm)
     before = _status_kb("VmRSS")
     _reset_peak()
-    out = run()
+    for _ in range(2):
+        out = run(x)
+        del out
     peak = _status_kb("VmHWM")
-    del out
     return max(peak - before, 0) / 1024.0
 
 
