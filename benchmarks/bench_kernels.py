@@ -3,9 +3,11 @@
 For every convolutional layer of yolov4-tiny (416x416) and Yolo-Fastest 1.1 (320x320) (shapes walked from the cfgs in
 ../shared/assets), a one-layer Darknet cfg + weights is written to a temp folder and loaded with
 cv2.dnn.readNetFromDarknet; the same layer (batch-norm folded, activation fused) runs through our Conv2dPlan.
-Both use the same thread count (cv2.setNumThreads / darkprune.engine.blas.set_threads). Runs are interleaved
-(ours, OpenCV, ours, ...) so that load from other processes hits both alike; warm-up excluded; median and min of
-the repeats. The per-network rows sum the layers (identical layers are timed once and counted).
+Both use the same thread count (cv2.setNumThreads / darkprune.engine.blas.set_threads). Runs alternate in blocks
+(5 of ours, 5 of OpenCV's, ...) so that load from other processes hits both alike without the two thread pools
+fighting call by call; warm-ups excluded; median and min of the repeats. The per-network rows sum the layers
+(identical layers are timed once and counted). OpenCV's per-layer time includes its per-call overhead (setInput,
+forward bookkeeping), which a whole network pays once per layer too.
 
     .venv/bin/python benchmarks/bench_kernels.py [--threads 2] [--batch 1 8] [--repeat 15] [--net all]
         [--paths]        also time each 3x3 stride-1 layer on the im2col and Winograd paths
@@ -143,17 +145,40 @@ CLOCK = {"wall": time.perf_counter, "cpu": time.process_time}
 _clock = time.perf_counter
 
 
-def interleaved(fns, repeat: int, warmup: int = 2):
+def interleaved(fns, repeat: int, warmup: int = 2, block: int = 5):
+    """Median and min (ms) of `repeat` timed runs of each fn. Contestants alternate in blocks of `block` runs (the
+    first run of each block is a discarded warm-up): per-call alternation would make each library's idle thread
+    pool compete with the other's working one, which measures the pools' fight rather than either library."""
     for fn in fns:
         for _ in range(warmup):
             fn()
     times = [[] for _ in fns]
-    for _ in range(repeat):
+    while len(times[0]) < repeat:
         for i, fn in enumerate(fns):
-            t0 = _clock()
             fn()
-            times[i].append(_clock() - t0)
+            for _ in range(min(block, repeat - len(times[i]))):
+                t0 = _clock()
+                fn()
+                times[i].append(_clock() - t0)
     return [(statistics.median(t) * 1e3, min(t) * 1e3) for t in times]
+
+
+def network_weights(cfg: Path, convs: list[dict], folder: str, rng: np.random.Generator) -> str:
+    """The real .weights beside the cfg when there is one, else a seeded random file (He-scaled filters, unit
+    batch-norm variance) in `folder`."""
+    real = cfg.with_suffix(".weights")
+    if real.exists():
+        return str(real)
+    path = os.path.join(folder, cfg.stem + ".random.weights")
+    with open(path, "wb") as f:
+        f.write(np.array([0, 2, 5], np.int32).tobytes() + np.array([0], np.int64).tobytes())
+        for spec in convs:
+            weights, biases, scales, mean, var = make_layer(spec, rng)
+            f.write(biases.tobytes())
+            if spec["batch_normalize"]:
+                f.write(scales.tobytes() + mean.tobytes() + var.tobytes())
+            f.write(weights.tobytes())
+    return path
 
 
 def spec_key(s: dict):
@@ -186,7 +211,8 @@ def run(args) -> dict:
                 print(f"\n{net_name} {size}x{size}, batch {batch}: {len(convs)} convolutions "
                       f"({len(unique)} distinct)")
                 print(f"{'layer':>5} {'c':>4} {'hxw':>9} {'n':>4} {'k':>2} {'s':>2} {'grp':>4} {'act':>8} {'x':>3} "
-                      f"{'path':>9} {'ours ms':>9} {'cv ms':>9} {'ratio':>6}" + ("  im2col/wino ms" if args.paths else ""))
+                      f"{'path':>9} {'ours ms':>9} {'cv ms':>9} {'ratio':>6}"
+                      + ("  im2col/wino ms" if args.paths else ""))
                 for spec, count in unique.values():
                     params = make_layer(spec, rng)
                     net, _ = opencv_net(spec, params, folder)
@@ -222,13 +248,15 @@ def run(args) -> dict:
                     print(f"{spec['index']:>5} {spec['c']:>4} {spec['h']:>4}x{spec['w']:<4} {spec['n']:>4} "
                           f"{spec['k']:>2} {spec['stride']:>2} {spec['groups']:>4} {spec['activation'][:8]:>8} "
                           f"{count:>3} {plan.path:>9} {m_ours:9.3f} {m_cv:9.3f} {m_ours / m_cv:6.2f}{extra}")
-                print(f"{'total':>5} (sum over all {len(convs)} convs): ours {tot_ours:.2f} ms, OpenCV {tot_cv:.2f} ms, "
+                print(f"{'total':>5} (sum over all {len(convs)} convs): ours {tot_ours:.2f} ms, "
+                      f"OpenCV {tot_cv:.2f} ms, "
                       f"ratio {tot_ours / tot_cv:.2f} (min-based: {tot_min_ours:.2f} / {tot_min_cv:.2f} = "
                       f"{tot_min_ours / tot_min_cv:.2f})")
                 entry = dict(layers=rows, ours_ms=tot_ours, opencv_ms=tot_cv, ratio=tot_ours / tot_cv,
                              ours_min_ms=tot_min_ours, opencv_min_ms=tot_min_cv)
                 if args.full_opencv:
-                    full = cv2.dnn.readNetFromDarknet(str(cfg))
+                    weights_file = network_weights(cfg, convs, folder, rng)
+                    full = cv2.dnn.readNetFromDarknet(str(cfg), weights_file)
                     xin = rng.random((batch, 3, size, size), dtype=np.float32)
 
                     def whole():
@@ -236,7 +264,8 @@ def run(args) -> dict:
                         full.forward(full.getUnconnectedOutLayersNames())
 
                     ((m_full, min_full),) = interleaved([whole], args.repeat)
-                    print(f"      OpenCV whole network (all layers, random weights): {m_full:.2f} ms "
+                    kind = "random" if weights_file.endswith(".random.weights") else "real"
+                    print(f"      OpenCV whole network (all layers, {kind} weights): {m_full:.2f} ms "
                           f"(min {min_full:.2f})")
                     entry.update(opencv_full_ms=m_full)
                 net_result[f"batch{batch}"] = entry

@@ -18,7 +18,8 @@ from darkprune.errors import DarkpruneError
 
 
 def softplus_thresholded(x, threshold=20.0):
-    return np.where(x > threshold, x, np.where(x < -threshold, np.exp(np.minimum(x, 0)), np.log1p(np.exp(np.minimum(x, threshold)))))
+    middle = np.log1p(np.exp(np.minimum(x, threshold)))
+    return np.where(x > threshold, x, np.where(x < -threshold, np.exp(np.minimum(x, 0)), middle))
 
 
 def reference(name, x):

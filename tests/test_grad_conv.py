@@ -52,6 +52,8 @@ CONV_CASES = [
     (2, 4, 6, 6, 4, 3, 1, 1, 1, 2),
     (2, 4, 7, 7, 4, 3, 2, 1, 1, 4),   # depthwise stride 2
     (1, 3, 6, 6, 6, 3, 1, 2, 2, 3),   # depthwise, multiplier 2, dilated
+    (1, 3, 9, 8, 3, 5, 2, 2, 1, 3),   # depthwise 5x5 stride 2 (parity-split path)
+    (1, 2, 7, 7, 2, 3, 3, 1, 1, 2),   # depthwise stride 3 (row-by-row path)
     (1, 2, 5, 5, 2, 2, 2, 0, 1, 1),   # even kernel
     (1, 16, 5, 6, 16, 3, 1, 1, 1, 1),  # Winograd-sized (forward path differs, backward is shared)
 ]

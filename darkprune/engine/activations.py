@@ -22,6 +22,7 @@ import numpy as np
 from numba import njit, prange
 from numba.extending import overload
 
+from darkprune.engine.blas import limit_threads, threads_for
 from darkprune.errors import DarkpruneError
 
 # Integer codes used inside the kernels. Fixed numbers (not derived from a dict's order) so cached kernels stay valid.
@@ -356,21 +357,29 @@ def _grad_flat(x, y, g, out, code):
     for k in prange(nchunks):
         start = k * _CHUNK
         stop = min(start + _CHUNK, n)
+        xs = x[start:stop]
+        ys = y[start:stop]
+        gs = g[start:stop]
+        os_ = out[start:stop]
+        m = stop - start
         if code == LINEAR:
-            for i in range(start, stop):
-                out[i] = g[i]
+            for i in range(m):
+                os_[i] = gs[i]
         elif code == LEAKY:
-            for i in range(start, stop):
-                out[i] = g[i] if x[i] > 0.0 else 0.1 * g[i]
+            slope = typed(gs, 0.1)
+            for i in range(m):
+                os_[i] = gs[i] if xs[i] > 0 else slope * gs[i]
         elif code == RELU:
-            for i in range(start, stop):
-                out[i] = g[i] if x[i] > 0.0 else 0.0
+            zero = typed(gs, 0.0)
+            for i in range(m):
+                os_[i] = gs[i] if xs[i] > 0 else zero
         elif code == LOGISTIC:
-            for i in range(start, stop):
-                out[i] = g[i] * y[i] * (1.0 - y[i])
+            one = typed(ys, 1.0)
+            for i in range(m):
+                os_[i] = gs[i] * ys[i] * (one - ys[i])
         else:
-            for i in range(start, stop):
-                out[i] = g[i] * grad_scalar(x[i], y[i], code)
+            for i in range(m):
+                os_[i] = gs[i] * grad_scalar(xs[i], ys[i], code)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -476,10 +485,13 @@ def activate_(x: np.ndarray, name) -> np.ndarray:
     _check(x, "x")
     if code == LINEAR or x.size == 0:
         return x
-    if code in CROSS_CHANNEL_CODES:
-        _norm_chan_forward(_as_channel_view(x), code)
-    else:
-        _activate_flat(x.reshape(-1), code)
+    # exp-based activations cost ~20 ns per element, the others are memory-bound
+    flops = x.size * (20.0 if code in (LOGISTIC, MISH, SWISH, TANH, LOGGY, ELU, SELU, GELU) else 1.0) * 60.0
+    with limit_threads(threads_for(flops, 2.0 * x.nbytes)):
+        if code in CROSS_CHANNEL_CODES:
+            _norm_chan_forward(_as_channel_view(x), code)
+        else:
+            _activate_flat(x.reshape(-1), code)
     return x
 
 
@@ -495,15 +507,16 @@ def activation_backward(x_in: np.ndarray, y_out: np.ndarray, grad_out: np.ndarra
         raise ValueError(f"shape mismatch: x_in {x_in.shape}, y_out {y_out.shape}, grad_out {grad_out.shape}")
     if out is None:
         out = np.empty_like(grad_out)
-    if code in CROSS_CHANNEL_CODES:
-        if out is grad_out or np.shares_memory(out, grad_out):
-            g = grad_out.copy()
-        else:
-            g = grad_out
-        _norm_chan_backward(_as_channel_view(x_in), _as_channel_view(y_out), _as_channel_view(g),
-                            _as_channel_view(out), code)
-    elif x_in.size:
-        _grad_flat(x_in.reshape(-1), y_out.reshape(-1), grad_out.reshape(-1), out.reshape(-1), code)
+    with limit_threads(threads_for(x_in.size * 600.0, 4.0 * x_in.nbytes)):
+        if code in CROSS_CHANNEL_CODES:
+            if out is grad_out or np.shares_memory(out, grad_out):
+                g = grad_out.copy()
+            else:
+                g = grad_out
+            _norm_chan_backward(_as_channel_view(x_in), _as_channel_view(y_out), _as_channel_view(g),
+                                _as_channel_view(out), code)
+        elif x_in.size:
+            _grad_flat(x_in.reshape(-1), y_out.reshape(-1), grad_out.reshape(-1), out.reshape(-1), code)
     return out
 
 

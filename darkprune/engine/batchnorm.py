@@ -24,6 +24,8 @@ from dataclasses import dataclass
 import numpy as np
 from numba import njit, prange
 
+from darkprune.engine.blas import limit_threads, threads_for
+
 DARKNET_EPS = 1e-5
 DARKNET_MOMENTUM = 0.01
 
@@ -131,11 +133,12 @@ def batchnorm_forward_train(x, scales, biases, rolling_mean, rolling_variance, *
     nc = x3.shape[1]
     mean = np.empty(nc, np.float64)
     var = np.empty(nc, np.float64)
-    _batch_stats(x3, mean, var)
     x_norm = np.empty_like(x)
     y = np.empty_like(x) if out is None else out
-    _normalize_scale_shift(x3, mean, var, float(eps), _vec(scales, nc, "scales"), _vec(biases, nc, "biases"),
-                           _view3(x_norm), _view3(y))
+    with limit_threads(threads_for(6.0 * x.size, 5.0 * x.nbytes)):
+        _batch_stats(x3, mean, var)
+        _normalize_scale_shift(x3, mean, var, float(eps), _vec(scales, nc, "scales"), _vec(biases, nc, "biases"),
+                               _view3(x_norm), _view3(y))
     if update_rolling:
         for arr, stat, what in ((rolling_mean, mean, "rolling_mean"), (rolling_variance, var, "rolling_variance")):
             if not isinstance(arr, np.ndarray) or arr.shape != (nc,):
@@ -153,8 +156,9 @@ def batchnorm_backward_train(grad_y, cache: BatchNormCache, scales):
     gx = np.empty_like(grad_y)
     gscale = np.empty(nc, np.float64)
     gbias = np.empty(nc, np.float64)
-    _bn_backward(g3, _view3(cache.x_norm), cache.variance, cache.eps, _vec(scales, nc, "scales"), _view3(gx),
-                 gscale, gbias)
+    with limit_threads(threads_for(6.0 * grad_y.size, 5.0 * grad_y.nbytes)):
+        _bn_backward(g3, _view3(cache.x_norm), cache.variance, cache.eps, _vec(scales, nc, "scales"), _view3(gx),
+                     gscale, gbias)
     return gx, gscale.astype(grad_y.dtype), gbias.astype(grad_y.dtype)
 
 
@@ -168,8 +172,10 @@ def batchnorm_forward_inference(x, scales, biases, rolling_mean, rolling_varianc
     y = np.empty_like(x) if out is None else out
     biases = np.zeros(nc) if biases is None else biases
     dummy = np.empty((0, 0, 0), dtype=x.dtype)
-    _normalize_scale_shift(x3, _vec(rolling_mean, nc, "rolling_mean"), _vec(rolling_variance, nc, "rolling_variance"),
-                           float(eps), _vec(scales, nc, "scales"), _vec(biases, nc, "biases"), dummy, _view3(y))
+    with limit_threads(threads_for(2.0 * x.size, 2.0 * x.nbytes)):
+        _normalize_scale_shift(x3, _vec(rolling_mean, nc, "rolling_mean"),
+                               _vec(rolling_variance, nc, "rolling_variance"), float(eps), _vec(scales, nc, "scales"),
+                               _vec(biases, nc, "biases"), dummy, _view3(y))
     return y
 
 

@@ -28,6 +28,15 @@ import re
 import subprocess
 import sys
 
+# numba's OpenMP workers spin after every parallel region by default. When other processes share the cores, a
+# spinning worker loses its time slice and the next region waits for the scheduler to hand it back: measured on the
+# 2-core box under load, 2-thread inference took 4-6x longer than 1-thread. With passive waiting the workers sleep
+# at once and are woken (with the scheduler's wake-up preference) when work comes: 2 threads then never lose to 1,
+# at a cost of a few microseconds per region when the machine is idle. This only takes effect if set before numba
+# first starts its thread pool, hence here, at import; a user's own OMP_WAIT_POLICY / GOMP_SPINCOUNT wins.
+if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+
 import llvmlite.binding as llvm
 import numba
 import numpy as np
@@ -285,14 +294,65 @@ def matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None, *, trans
     if k == 0:
         out *= beta
         return out
-    work = 2 * m * n * k
-    nsplit = 1 if work < 2_000_000 else numba.get_num_threads() * 2
-    _par_gemm(trans_a, trans_b, alpha, a, b, beta, out, nsplit)
+    itemsize = a.dtype.itemsize
+    threads = threads_for(2.0 * m * n * k, (m * k + k * n + m * n) * itemsize)
+    with limit_threads(threads):
+        _par_gemm(trans_a, trans_b, alpha, a, b, beta, out, 1 if threads == 1 else 2 * threads)
     return out
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # thread control
+
+
+# A parallel region costs a few microseconds when the machine is quiet, and up to a scheduler time slice (ms) when
+# another process holds the core a worker needs (the region waits for its slowest thread). Small work runs on the
+# calling thread only; a second thread is engaged from about this many microseconds of estimated single-thread work.
+SMALL_WORK_US = 60.0
+
+
+def threads_for(flops: float, bytes_moved: float = 0.0) -> int:
+    """Threads worth engaging for a kernel of this size (estimated at ~60 GFLOP/s and ~10 GB/s per thread)."""
+    available = numba.get_num_threads()
+    if available <= 1:
+        return 1
+    estimate_us = flops / 60e3 + bytes_moved / 10e3
+    return int(max(1, min(available, estimate_us // SMALL_WORK_US)))
+
+
+class limit_threads:
+    """Context manager around engine kernels: run them on at most n numba threads, with BLAS single-threaded.
+
+    The kernels call BLAS from numba's threads, so a BLAS allowed several threads of its own (someone called
+    set_blas_threads(n) for numpy's sake) would stack a second pool on the same cores; it is set to 1 for the
+    duration and restored afterwards. Both settings are restored on exit; nesting is fine."""
+
+    __slots__ = ("n", "previous", "previous_blas")
+
+    def __init__(self, n: int):
+        self.n = int(n)
+        self.previous = 0
+        self.previous_blas = None
+
+    def __enter__(self):
+        self.previous = numba.get_num_threads()
+        if self.n < self.previous:
+            numba.set_num_threads(max(1, self.n))
+        blas_threads = _state["blas_threads"]
+        if blas_threads is not None and blas_threads != 1 and _state["set"] is not None:
+            self.previous_blas = blas_threads
+            _state["set"](1)
+            _state["blas_threads"] = 1
+        return self
+
+    def __exit__(self, *exc):
+        if numba.get_num_threads() != self.previous:
+            numba.set_num_threads(self.previous)
+        if self.previous_blas is not None:
+            _state["set"](self.previous_blas)
+            _state["blas_threads"] = self.previous_blas
+            self.previous_blas = None
+        return False
 
 
 def blas_library() -> str | None:
@@ -309,7 +369,7 @@ def gemm_backend() -> str:
 def set_blas_threads(n: int) -> bool:
     """Set BLAS's own thread count (it matters for numpy.matmul outside the engine); False when unreachable.
 
-    Engine kernels call BLAS from numba's threads: leave this at 1 while they run (set_threads does)."""
+    Engine kernels call BLAS from numba's threads and switch it to 1 while they run (see limit_threads)."""
     if _find() is None or _state["set"] is None:
         return False
     n = max(1, int(n))

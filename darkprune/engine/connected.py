@@ -22,7 +22,7 @@ from darkprune.engine.batchnorm import (
     batchnorm_forward_inference,
     batchnorm_forward_train,
 )
-from darkprune.engine.blas import matmul
+from darkprune.engine.blas import limit_threads, matmul, threads_for
 from darkprune.engine.conv import fold_batchnorm
 
 __all__ = ["connected_forward", "connected_forward_train", "connected_backward", "ConnectedCache",
@@ -39,11 +39,17 @@ class ConnectedCache:
 
 
 @njit(cache=True, parallel=True)
-def _add_bias_rows(y, bias):
+def _add_bias_rows_kernel(y, bias):
     nb, n = y.shape
     for b in prange(nb):
+        row = y[b]
         for j in range(n):
-            y[b, j] += bias[j]
+            row[j] += bias[j]
+
+
+def _add_bias_rows(y, bias):
+    with limit_threads(threads_for(y.size, 2.0 * y.nbytes)):
+        _add_bias_rows_kernel(y, bias)
 
 
 def _flatten(x: np.ndarray, weights: np.ndarray) -> np.ndarray:

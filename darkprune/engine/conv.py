@@ -8,12 +8,15 @@ as (in + 2*padding - k)/stride + 1; both agree whenever padding == (k-1)/2 (ever
 Darknet's size as out_h/out_w: positions past the input read zeros, as in Darknet.
 
 Forward paths (chosen once per layer by `prepare_conv2d`, which also keeps the derived weight forms):
-  - 1x1, stride 1, no padding, groups 1: one GEMM per image (numpy matmul -> BLAS);
-  - 3x3, stride 1, dilation 1, groups 1, enough channels: Winograd F(4x4, 3x3): numba input/output transforms around
-    36 batched GEMMs (2.25x fewer multiplies than im2col);
-  - depthwise-like (one input channel per group, any multiplier): a direct numba kernel;
-  - otherwise: numba im2col + GEMM, per group.
-The bias add and the activation run in a fused numba epilogue on data still in cache.
+  - 1x1, stride 1, no padding, groups 1: GEMM on blocks of columns;
+  - 3x3, stride 1, dilation 1, groups 1, >= 16 channels in and out: Winograd F(4x4, 3x3) (2.25x fewer multiplies
+    than im2col): numba input transform, 36 GEMMs, numba output transform;
+  - one input channel per group (depthwise, any channel multiplier): direct numba kernels (3x3 unrolled; stride 2
+    reads a parity-split copy of the plane, so every load is contiguous);
+  - everything else: im2col + GEMM on blocks of output rows, per group.
+GEMMs call BLAS from inside numba's parallel loops (darkprune.engine.blas), on a block that was just written and is
+still in cache, followed by the bias + activation epilogue on the same block. Small layers run on one thread
+(blas.threads_for). Scratch buffers are kept between calls (release_scratch() frees them).
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from darkprune.engine.activations import (
     bias_act_row,
     typed,
 )
-from darkprune.engine.blas import gemm, matmul
+from darkprune.engine.blas import gemm, limit_threads, matmul, threads_for
 
 # ----------------------------------------------------------------------------------------------------------------
 # geometry and batch-norm folding
@@ -253,47 +256,46 @@ def _pad_plane(x, b, c, pad, hp, wp, buf):
 
 
 @njit(cache=True, inline="always")
-def _pad_plane_split2(x, b, c, pad, hp, wp, buf):
-    """Zero-padded x[b, c] stored de-interleaved for stride-2 kernels: even padded columns (hp x ceil(wp/2)) then the
-    odd ones (hp x floor(wp/2)), so that every tap of a stride-2 filter reads a contiguous run."""
+def _pad_plane_split22(x, b, c, pad, hp2, wp2, buf):
+    """The zero-padded plane x[b, c] split by (row parity, column parity) for stride-2 filters:
+    buf[((py*2 + px)*hp2 + i)*wp2 + j] = padded[2i + py, 2j + px], padded[r, q] = x[b, c, r - pad, q - pad]."""
     h = x.shape[2]
     wd = x.shape[3]
-    we = (wp + 1) // 2
-    wo = wp // 2
-    odd = buf[hp * we:]
-    # padded column q holds x column q - pad: even[j] = x[2j - pad], odd[j] = x[2j + 1 - pad]
-    j0 = (pad + 1) // 2
-    j1 = max(j0, min(wo, (wd - 2 + pad) // 2 + 1))
-    for r in range(hp):
-        er = buf[r * we:(r + 1) * we]
-        orow = odd[r * wo:(r + 1) * wo]
-        if r < pad or r >= pad + h:
-            for j in range(we):
+    j0 = (pad + 1) // 2                               # first j with 2j - pad >= 0
+    j1 = max(j0, min(wp2, (wd - 2 + pad) // 2 + 1))   # past the last j with 2j + 1 - pad < wd
+    for pr in range(2 * hp2):
+        py = pr % 2
+        i = pr // 2
+        r = pr - pad
+        e0 = (2 * py * hp2 + i) * wp2
+        o0 = ((2 * py + 1) * hp2 + i) * wp2
+        er = buf[e0:e0 + wp2]
+        orow = buf[o0:o0 + wp2]
+        if r < 0 or r >= h:
+            for j in range(wp2):
                 er[j] = 0.0
-            for j in range(wo):
+            for j in range(wp2):
                 orow[j] = 0.0
             continue
-        xr = x[b, c, r - pad]
-        if j1 > j0:
-            # whole pairs: two contiguous loads per step vectorise far better than two stride-2 passes
-            xs = xr[2 * j0 - pad:]
-            eo = er[j0:]
-            oo = orow[j0:]
-            for jj in range(j1 - j0):
-                first = xs[2 * jj]
-                second = xs[2 * jj + 1]
-                eo[jj] = first
-                oo[jj] = second
-        for j in range(j0):
+        xr = x[b, c, r]
+        # whole pairs: two contiguous loads per step vectorise far better than two stride-2 passes
+        xs = xr[2 * j0 - pad:]
+        eo = er[j0:]
+        oo = orow[j0:]
+        for jj in range(j1 - j0):
+            first = xs[2 * jj]
+            second = xs[2 * jj + 1]
+            eo[jj] = first
+            oo[jj] = second
+        # the few columns at either end (padding, a lone last column)
+        for j in range(min(j0, wp2)):
             t = 2 * j - pad
             er[j] = xr[t] if 0 <= t < wd else 0.0
-            if j < wo:
-                orow[j] = xr[t + 1] if 0 <= t + 1 < wd else 0.0
-        for j in range(j1, we):
+            orow[j] = xr[t + 1] if 0 <= t + 1 < wd else 0.0
+        for j in range(j1, wp2):
             t = 2 * j - pad
             er[j] = xr[t] if 0 <= t < wd else 0.0
-            if j < wo:
-                orow[j] = xr[t + 1] if 0 <= t + 1 < wd else 0.0
+            orow[j] = xr[t + 1] if 0 <= t + 1 < wd else 0.0
 
 
 @njit(cache=True, parallel=True)
@@ -301,8 +303,11 @@ def _direct_1ch_forward(x, w, bias, sy, sx, pad, dil, oh, ow, code, y, ws):
     """y[b, f] = act(bias[f] + sum_{ky,kx} w[f, 0, ky, kx] * x[b, f // mult, ...]), mult = n // C.
 
     One job per (image, input channel): the channel is zero-padded once into the thread's scratch and serves its
-    `mult` filters. 3x3 filters get an unrolled single pass per output row (vectorises along the row, in the data's
-    precision); other sizes accumulate tap by tap over the row."""
+    `mult` filters. 3x3 filters are unrolled (9 taps in one pass, in the data's precision):
+      - stride 2: the padded plane is split by row and column parity, so every tap reads a contiguous run;
+      - stride 1 on narrow planes: the output is computed over the padded width as one flat run (long vector loops;
+        the few columns past the output are dropped when copying out); on wide planes row by row.
+    Other sizes accumulate tap by tap over each row."""
     nb, nc, h, wd = x.shape
     nf = w.shape[0]
     kh = w.shape[2]
@@ -310,22 +315,27 @@ def _direct_1ch_forward(x, w, bias, sy, sx, pad, dil, oh, ow, code, y, ws):
     mult = nf // nc
     hp = max(h + 2 * pad, (oh - 1) * sy + (kh - 1) * dil + 1)
     wp = max(wd + 2 * pad, (ow - 1) * sx + (kw - 1) * dil + 1)
+    hp2 = (hp + 1) // 2
+    wp2 = (wp + 1) // 2
+    three = kh == 3 and kw == 3
+    stride2 = three and sx == 2 and sy == 2 and dil == 1
+    flat1 = three and sx == 1 and sy == 1 and ow < 32
     yflat = y.reshape(-1)
     for job in prange(nb * nc):
-        buf = ws[numba.get_thread_id()]
+        scratch = ws[numba.get_thread_id()]
         b = job // nc
         c = job % nc
-        split = kh == 3 and kw == 3 and sx == 2 and dil == 1
-        if split:
-            _pad_plane_split2(x, b, c, pad, hp, wp, buf)
+        if stride2:
+            buf = scratch[:4 * hp2 * wp2]
+            acc = scratch[4 * hp2 * wp2:4 * hp2 * wp2 + oh * wp2]
+            _pad_plane_split22(x, b, c, pad, hp2, wp2, buf)
         else:
+            buf = scratch[:hp * wp]
+            acc = scratch[hp * wp:hp * wp + oh * wp]
             _pad_plane(x, b, c, pad, hp, wp, buf)
         for f in range(c * mult, (c + 1) * mult):
             plane = (b * nf + f) * oh * ow
-            if split:
-                we = (wp + 1) // 2
-                wo = wp // 2
-                odd = buf[hp * we:]
+            if three:
                 w00 = w[f, 0, 0, 0]
                 w01 = w[f, 0, 0, 1]
                 w02 = w[f, 0, 0, 2]
@@ -335,32 +345,53 @@ def _direct_1ch_forward(x, w, bias, sy, sx, pad, dil, oh, ow, code, y, ws):
                 w20 = w[f, 0, 2, 0]
                 w21 = w[f, 0, 2, 1]
                 w22 = w[f, 0, 2, 2]
+            if stride2:
+                # tap (ky, kx) of output (oy, ox) = plane (ky%2, kx%2) at (oy + ky//2, ox + kx//2)
+                n = (oh - 1) * wp2 + ow
+                pl = hp2 * wp2
+                ee = buf[:]
+                eo = buf[pl:]
+                oe = buf[2 * pl:]
+                oo = buf[3 * pl:]
+                a0 = ee[:n]
+                a1 = eo[:n]
+                a2 = ee[1:n + 1]
+                b0 = oe[:n]
+                b1 = oo[:n]
+                b2 = oe[1:n + 1]
+                c0 = ee[wp2:wp2 + n]
+                c1 = eo[wp2:wp2 + n]
+                c2 = ee[wp2 + 1:wp2 + 1 + n]
+                for i in range(n):
+                    acc[i] = (w00 * a0[i] + w01 * a1[i] + w02 * a2[i] + w10 * b0[i] + w11 * b1[i] + w12 * b2[i]
+                              + w20 * c0[i] + w21 * c1[i] + w22 * c2[i])
                 for oy in range(oh):
-                    r0 = oy * sy
                     dst = yflat[plane + oy * ow:plane + (oy + 1) * ow]
-                    # padded column 2*ox + kx: kx=0 -> even[ox], kx=1 -> odd[ox], kx=2 -> even[ox + 1]
-                    a0 = buf[r0 * we:]
-                    a1 = odd[r0 * wo:]
-                    a2 = buf[r0 * we + 1:]
-                    b0 = buf[(r0 + 1) * we:]
-                    b1 = odd[(r0 + 1) * wo:]
-                    b2 = buf[(r0 + 1) * we + 1:]
-                    c0 = buf[(r0 + 2) * we:]
-                    c1 = odd[(r0 + 2) * wo:]
-                    c2 = buf[(r0 + 2) * we + 1:]
+                    src = acc[oy * wp2:]
                     for ox in range(ow):
-                        dst[ox] = (w00 * a0[ox] + w01 * a1[ox] + w02 * a2[ox] + w10 * b0[ox] + w11 * b1[ox]
-                                   + w12 * b2[ox] + w20 * c0[ox] + w21 * c1[ox] + w22 * c2[ox])
-            elif kh == 3 and kw == 3:
-                w00 = w[f, 0, 0, 0]
-                w01 = w[f, 0, 0, 1]
-                w02 = w[f, 0, 0, 2]
-                w10 = w[f, 0, 1, 0]
-                w11 = w[f, 0, 1, 1]
-                w12 = w[f, 0, 1, 2]
-                w20 = w[f, 0, 2, 0]
-                w21 = w[f, 0, 2, 1]
-                w22 = w[f, 0, 2, 2]
+                        dst[ox] = src[ox]
+            elif flat1:
+                n = (oh - 1) * wp + ow
+                r1 = dil * wp
+                r2 = 2 * dil * wp
+                a0 = buf[:n]
+                a1 = buf[dil:dil + n]
+                a2 = buf[2 * dil:2 * dil + n]
+                b0 = buf[r1:r1 + n]
+                b1 = buf[r1 + dil:r1 + dil + n]
+                b2 = buf[r1 + 2 * dil:r1 + 2 * dil + n]
+                c0 = buf[r2:r2 + n]
+                c1 = buf[r2 + dil:r2 + dil + n]
+                c2 = buf[r2 + 2 * dil:r2 + 2 * dil + n]
+                for i in range(n):
+                    acc[i] = (w00 * a0[i] + w01 * a1[i] + w02 * a2[i] + w10 * b0[i] + w11 * b1[i] + w12 * b2[i]
+                              + w20 * c0[i] + w21 * c1[i] + w22 * c2[i])
+                for oy in range(oh):
+                    dst = yflat[plane + oy * ow:plane + (oy + 1) * ow]
+                    src = acc[oy * wp:]
+                    for ox in range(ow):
+                        dst[ox] = src[ox]
+            elif three:
                 for oy in range(oh):
                     # row slices: the loops below index them from 0, so no wraparound checks and they vectorise
                     r0 = oy * sy * wp
@@ -380,11 +411,6 @@ def _direct_1ch_forward(x, w, bias, sy, sx, pad, dil, oh, ow, code, y, ws):
                         for ox in range(ow):
                             dst[ox] = (w00 * a0[ox] + w01 * a1[ox] + w02 * a2[ox] + w10 * b0[ox] + w11 * b1[ox]
                                        + w12 * b2[ox] + w20 * c0[ox] + w21 * c1[ox] + w22 * c2[ox])
-                    elif sx == 2:
-                        for ox in range(ow):
-                            i = 2 * ox
-                            dst[ox] = (w00 * a0[i] + w01 * a1[i] + w02 * a2[i] + w10 * b0[i] + w11 * b1[i]
-                                       + w12 * b2[i] + w20 * c0[i] + w21 * c1[i] + w22 * c2[i])
                     else:
                         for ox in range(ow):
                             i = sx * ox
@@ -412,12 +438,17 @@ def _direct_1ch_forward(x, w, bias, sy, sx, pad, dil, oh, ow, code, y, ws):
 def _direct_1ch_scratch_elements(h, w, oh, ow, kh, kw, sy, sx, pad, dil):
     hp = max(h + 2 * pad, (oh - 1) * sy + (kh - 1) * dil + 1)
     wp = max(w + 2 * pad, (ow - 1) * sx + (kw - 1) * dil + 1)
-    return hp * wp
+    return max(4 * ((hp + 1) // 2) * ((wp + 1) // 2) + oh * ((wp + 1) // 2) + 2, hp * wp + oh * wp)
 
 
-@njit(cache=True, parallel=True)
-def _direct_1ch_backward(x, w, gy, sy, sx, pad, dil, gx, gw_partial):
-    """Backward of _direct_1ch_forward (linear): gx += ..., gw_partial[b, f] = per-image filter gradient."""
+@njit(cache=True, parallel=True, fastmath={"reassoc", "contract", "nsz"})
+def _direct_1ch_backward(x, w, gy, sy, sx, pad, dil, gx, gw_partial, ws):
+    """Backward of _direct_1ch_forward (pre-activation): gx += dL/dx, gw_partial[b, f] = image b's filter gradient.
+
+    One job per (image, input channel), like the forward. The incoming gradient of each filter is laid out over the
+    padded width (zeros past the output), so that for stride 1 (and, on the parity-split plane, stride 2) every tap
+    is one long loop: its weight gradient a dot product, its input gradient an axpy into the padded gradient plane
+    (sums reassociated, vectorised). Other strides go row by row."""
     nb, nc, h, wd = x.shape
     nf = w.shape[0]
     kh = w.shape[2]
@@ -427,31 +458,144 @@ def _direct_1ch_backward(x, w, gy, sy, sx, pad, dil, gx, gw_partial):
     mult = nf // nc
     hp = max(h + 2 * pad, (oh - 1) * sy + (kh - 1) * dil + 1)
     wp = max(wd + 2 * pad, (ow - 1) * sx + (kw - 1) * dil + 1)
-    # parallel over (image, input channel): every filter reading that channel is handled by the same job
+    hp2 = (hp + 1) // 2 + 1
+    wp2 = (wp + 1) // 2 + 1
+    split = sx == 2 and sy == 2 and dil == 1
+    flat = sx == 1 and sy == 1
+    size = 4 * hp2 * wp2 if split else hp * wp
+    stride = wp2 if split else wp
     for job in prange(nb * nc):
+        scratch = ws[numba.get_thread_id()]
         b = job // nc
         c = job % nc
-        buf = np.zeros((hp, wp), dtype=x.dtype)
-        gbuf = np.zeros((hp, wp), dtype=x.dtype)
-        for r in range(h):
-            for s in range(wd):
-                buf[r + pad, s + pad] = x[b, c, r, s]
+        buf = scratch[:size]
+        gbuf = scratch[size:2 * size]
+        gyw = scratch[2 * size:2 * size + oh * stride]
+        if split:
+            _pad_plane_split22(x, b, c, pad, hp2, wp2, buf)
+        else:
+            _pad_plane(x, b, c, pad, hp, wp, buf)
+        for i in range(size):
+            gbuf[i] = 0.0
+        for i in range(oh * stride):
+            gyw[i] = 0.0
         for f in range(c * mult, (c + 1) * mult):
+            if split or flat:
+                for oy in range(oh):
+                    src = gy[b, f, oy]
+                    dst = gyw[oy * stride:]
+                    for ox in range(ow):
+                        dst[ox] = src[ox]
+                n = (oh - 1) * stride + ow
+                g = gyw[:n]
+                for ky in range(kh):
+                    for kx in range(kw):
+                        wv = w[f, 0, ky, kx]
+                        if split:
+                            start = ((2 * (ky % 2) + kx % 2) * hp2 + ky // 2) * wp2 + kx // 2
+                        else:
+                            start = ky * dil * wp + kx * dil
+                        src = buf[start:start + n]
+                        dst = gbuf[start:start + n]
+                        acc = typed(buf, 0.0)
+                        for i in range(n):
+                            acc += g[i] * src[i]
+                            dst[i] += wv * g[i]
+                        gw_partial[b, f, ky, kx] = acc
+                continue
             for ky in range(kh):
                 for kx in range(kw):
                     wv = w[f, 0, ky, kx]
-                    acc = 0.0
-                    base = kx * dil
+                    acc = typed(buf, 0.0)
                     for oy in range(oh):
-                        iy = oy * sy + ky * dil
+                        start = (oy * sy + ky * dil) * wp + kx * dil
+                        src = buf[start:]
+                        dst = gbuf[start:]
+                        grow = gy[b, f, oy]
                         for ox in range(ow):
-                            g = gy[b, f, oy, ox]
-                            acc += g * buf[iy, base + ox * sx]
-                            gbuf[iy, base + ox * sx] += wv * g
+                            acc += grow[ox] * src[ox * sx]
+                            dst[ox * sx] += wv * grow[ox]
                     gw_partial[b, f, ky, kx] = acc
         for r in range(h):
-            for s in range(wd):
-                gx[b, c, r, s] += gbuf[r + pad, s + pad]
+            dst = gx[b, c, r]
+            if split:
+                pr = r + pad
+                # padded column q = s + pad lives in plane (pr%2, q%2) at column q//2
+                ev = gbuf[((2 * (pr % 2)) * hp2 + pr // 2) * wp2:]
+                od = gbuf[((2 * (pr % 2) + 1) * hp2 + pr // 2) * wp2:]
+                for q in range(wd):
+                    qq = q + pad
+                    if qq % 2 == 0:
+                        dst[q] += ev[qq // 2]
+                    else:
+                        dst[q] += od[qq // 2]
+            else:
+                src = gbuf[(r + pad) * wp + pad:]
+                for q in range(wd):
+                    dst[q] += src[q]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# numba kernels: backward of the GEMM convolutions, one job per image
+
+
+@njit(cache=True, inline="always")
+def _col2im_block(col, b, c0, cg, kh, kw, sy, sx, pad, dil, oh, ow, gx):
+    """Adjoint of _im2col_block over all output rows: gx[b, c0 + c, iy, ix] += col[row*s + oy*ow + ox]."""
+    h = gx.shape[2]
+    w = gx.shape[3]
+    s = oh * ow
+    for c in range(cg):
+        for ky in range(kh):
+            for kx in range(kw):
+                row = (c * kh + ky) * kw + kx
+                xoff = kx * dil - pad
+                ox_lo, ox_hi = _valid_range(ow, sx, xoff, w)
+                for oy in range(oh):
+                    iy = oy * sy - pad + ky * dil
+                    if iy < 0 or iy >= h or ox_hi <= ox_lo:
+                        continue
+                    src = col[row * s + oy * ow + ox_lo:row * s + oy * ow + ox_hi]
+                    dst = gx[b, c0 + c, iy, ox_lo * sx + xoff:]
+                    if sx == 1:
+                        for i in range(ox_hi - ox_lo):
+                            dst[i] += src[i]
+                    else:
+                        for i in range(ox_hi - ox_lo):
+                            dst[i * sx] += src[i]
+
+
+@njit(cache=True, parallel=True)
+def _conv_backward_kernel(x, w2d, gy, groups, kh, kw, sy, sx, pad, dil, one_by_one, need_gx, gx, gw_partial, ws):
+    """Per image (one job each): im2col, grad_w += gy @ col^T into the thread's partial sum, and
+    dcol = W^T @ gy scattered back by col2im."""
+    nb, c, h, w = x.shape
+    n = w2d.shape[0]
+    kg = w2d.shape[1]
+    cg = c // groups
+    ng = n // groups
+    oh = gy.shape[2]
+    ow = gy.shape[3]
+    s = oh * ow
+    for b in prange(nb):
+        tid = numba.get_thread_id()
+        col = ws[tid, :kg * s]
+        dcol = ws[tid, kg * s:2 * kg * s]
+        for g in range(groups):
+            if one_by_one:
+                gemm(False, True, ng, kg, s, 1.0, gy, (b * n + g * ng) * s, s, x, (b * c + g * cg) * s, s, 1.0,
+                     gw_partial, (tid * n + g * ng) * kg, kg)
+                if need_gx:
+                    gemm(True, False, kg, s, ng, 1.0, w2d, g * ng * kg, kg, gy, (b * n + g * ng) * s, s, 0.0,
+                         gx, (b * c + g * cg) * s, s)
+                continue
+            _im2col_block(x, b, g * cg, cg, kh, kw, sy, sx, pad, dil, 0, oh, ow, col)
+            gemm(False, True, ng, kg, s, 1.0, gy, (b * n + g * ng) * s, s, col, 0, s, 1.0,
+                 gw_partial, (tid * n + g * ng) * kg, kg)
+            if need_gx:
+                gemm(True, False, kg, s, ng, 1.0, w2d, g * ng * kg, kg, gy, (b * n + g * ng) * s, s, 0.0,
+                     dcol, 0, s)
+                _col2im_block(dcol, b, g * cg, cg, kh, kw, sy, sx, pad, dil, oh, ow, gx)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -526,9 +670,13 @@ def _phase_split4(x, b, c, pad, hp, tw1, ph):
                 q1[jj] = a1
                 q2[jj] = a2
                 q3[jj] = a3
-        for j in range(tw1):
-            if j0 <= j < j1:
-                continue
+        for j in range(min(j0, tw1)):
+            t = 4 * j - pad
+            p0[j] = xr[t] if 0 <= t < wd else 0.0
+            p1[j] = xr[t + 1] if 0 <= t + 1 < wd else 0.0
+            p2[j] = xr[t + 2] if 0 <= t + 2 < wd else 0.0
+            p3[j] = xr[t + 3] if 0 <= t + 3 < wd else 0.0
+        for j in range(j1, tw1):
             t = 4 * j - pad
             p0[j] = xr[t] if 0 <= t < wd else 0.0
             p1[j] = xr[t + 1] if 0 <= t + 1 < wd else 0.0
@@ -622,232 +770,6 @@ def _wino_input_transform(x, pad, th, tw, v, ws):
                     v3[tx] = two * (a3 - a1) - a2 + a4
                     v4[tx] = two * (a1 - a3) - a2 + a4
                     v5[tx] = four * a1 - five * a3 + a5
-
-
-@njit(cache=True, inline="always")
-def _wino_input_band(x, b, c, pad, ty, tw, ph, t, vb, nt, col0, four, five, two):
-    """Transform the tiles of band ty of channel (b, c) into vb[a*nc*nt + c*nt + col0 + tx] (a = 0..35).
-
-    ph (4 * 6 * (tw+1)) gets the band's 6 padded rows split by column phase (ph[(l*6 + k)*tw1 + j] =
-    padded[4ty + k, 4j + l]); t (4 * 6 * tw1) the column transform; the row transform reads tile tx's 6 columns as
-    phases 0..3 at tx and 0,1 at tx + 1, so every loop runs contiguously over the tiles."""
-    h = x.shape[2]
-    wd = x.shape[3]
-    nc = x.shape[1]
-    tw1 = tw + 1
-    j0 = (pad + 3) // 4
-    j1 = max(j0, min(tw1, (wd - 4 + pad) // 4 + 1))
-    for k in range(6):
-        r = 4 * ty + k - pad
-        p0 = ph[k * tw1:(k + 1) * tw1]
-        p1 = ph[(6 + k) * tw1:(7 + k) * tw1]
-        p2 = ph[(12 + k) * tw1:(13 + k) * tw1]
-        p3 = ph[(18 + k) * tw1:(19 + k) * tw1]
-        if r < 0 or r >= h:
-            for j in range(tw1):
-                p0[j] = 0.0
-                p1[j] = 0.0
-                p2[j] = 0.0
-                p3[j] = 0.0
-            continue
-        xr = x[b, c, r]
-        if j1 > j0:
-            xs = xr[4 * j0 - pad:]
-            q0 = p0[j0:]
-            q1 = p1[j0:]
-            q2 = p2[j0:]
-            q3 = p3[j0:]
-            for jj in range(j1 - j0):
-                a0 = xs[4 * jj]
-                a1 = xs[4 * jj + 1]
-                a2 = xs[4 * jj + 2]
-                a3 = xs[4 * jj + 3]
-                q0[jj] = a0
-                q1[jj] = a1
-                q2[jj] = a2
-                q3[jj] = a3
-        for j in range(tw1):
-            if j0 <= j < j1:
-                continue
-            s = 4 * j - pad
-            p0[j] = xr[s] if 0 <= s < wd else 0.0
-            p1[j] = xr[s + 1] if 0 <= s + 1 < wd else 0.0
-            p2[j] = xr[s + 2] if 0 <= s + 2 < wd else 0.0
-            p3[j] = xr[s + 3] if 0 <= s + 3 < wd else 0.0
-    for l in range(4):
-        d0 = ph[(l * 6) * tw1:]
-        d1 = ph[(l * 6 + 1) * tw1:]
-        d2 = ph[(l * 6 + 2) * tw1:]
-        d3 = ph[(l * 6 + 3) * tw1:]
-        d4 = ph[(l * 6 + 4) * tw1:]
-        d5 = ph[(l * 6 + 5) * tw1:]
-        t0 = t[(l * 6) * tw1:]
-        t1 = t[(l * 6 + 1) * tw1:]
-        t2 = t[(l * 6 + 2) * tw1:]
-        t3 = t[(l * 6 + 3) * tw1:]
-        t4 = t[(l * 6 + 4) * tw1:]
-        t5 = t[(l * 6 + 5) * tw1:]
-        for j in range(tw1):
-            a0 = d0[j]
-            a1 = d1[j]
-            a2 = d2[j]
-            a3 = d3[j]
-            a4 = d4[j]
-            a5 = d5[j]
-            t0[j] = four * a0 - five * a2 + a4
-            t1[j] = a3 + a4 - four * (a1 + a2)
-            t2[j] = four * (a1 - a2) - a3 + a4
-            t3[j] = two * (a3 - a1) - a2 + a4
-            t4[j] = two * (a1 - a3) - a2 + a4
-            t5[j] = four * a1 - five * a3 + a5
-    for i in range(6):
-        e0 = t[i * tw1:]
-        e1 = t[(6 + i) * tw1:]
-        e2 = t[(12 + i) * tw1:]
-        e3 = t[(18 + i) * tw1:]
-        e4 = t[i * tw1 + 1:]
-        e5 = t[(6 + i) * tw1 + 1:]
-        base = (i * 6 * nc + c) * nt + col0
-        step = nc * nt
-        v0 = vb[base:base + tw]
-        v1 = vb[base + step:base + step + tw]
-        v2 = vb[base + 2 * step:base + 2 * step + tw]
-        v3 = vb[base + 3 * step:base + 3 * step + tw]
-        v4 = vb[base + 4 * step:base + 4 * step + tw]
-        v5 = vb[base + 5 * step:base + 5 * step + tw]
-        for tx in range(tw):
-            a0 = e0[tx]
-            a1 = e1[tx]
-            a2 = e2[tx]
-            a3 = e3[tx]
-            a4 = e4[tx]
-            a5 = e5[tx]
-            v0[tx] = four * a0 - five * a2 + a4
-            v1[tx] = a3 + a4 - four * (a1 + a2)
-            v2[tx] = four * (a1 - a2) - a3 + a4
-            v3[tx] = two * (a3 - a1) - a2 + a4
-            v4[tx] = two * (a1 - a3) - a2 + a4
-            v5[tx] = four * a1 - five * a3 + a5
-
-
-@njit(cache=True, inline="always")
-def _wino_output_band(mb, nf, nt, f, col0, ty, tw, q, o, dst_plane, oh, ow, two, four, eight):
-    """A^T m A for the tiles of band ty of filter f: mb[(a*nf + f)*nt + col0 + tx] -> rows 4ty..4ty+3 of dst_plane
-    (flat oh*ow), through q (24*tw) and o (16*tw)."""
-    full = ow // 4
-    rest = ow - 4 * full
-    step = nf * nt
-    for i in range(6):
-        base = (i * 6 * nf + f) * nt + col0
-        m0 = mb[base:base + tw]
-        m1 = mb[base + step:base + step + tw]
-        m2 = mb[base + 2 * step:base + 2 * step + tw]
-        m3 = mb[base + 3 * step:base + 3 * step + tw]
-        m4 = mb[base + 4 * step:base + 4 * step + tw]
-        m5 = mb[base + 5 * step:base + 5 * step + tw]
-        q0 = q[(i * 4) * tw:(i * 4 + 1) * tw]
-        q1 = q[(i * 4 + 1) * tw:(i * 4 + 2) * tw]
-        q2 = q[(i * 4 + 2) * tw:(i * 4 + 3) * tw]
-        q3 = q[(i * 4 + 3) * tw:(i * 4 + 4) * tw]
-        for tx in range(tw):
-            a = m1[tx] + m2[tx]
-            bb = m1[tx] - m2[tx]
-            cc = m3[tx] + m4[tx]
-            dd = m3[tx] - m4[tx]
-            q0[tx] = m0[tx] + a + cc
-            q1[tx] = bb + two * dd
-            q2[tx] = a + four * cc
-            q3[tx] = bb + eight * dd + m5[tx]
-    for k in range(4):
-        s0 = q[k * tw:]
-        s1 = q[(4 + k) * tw:]
-        s2 = q[(8 + k) * tw:]
-        s3 = q[(12 + k) * tw:]
-        s4 = q[(16 + k) * tw:]
-        s5 = q[(20 + k) * tw:]
-        o0 = o[k * tw:]
-        o1 = o[(4 + k) * tw:]
-        o2 = o[(8 + k) * tw:]
-        o3 = o[(12 + k) * tw:]
-        for tx in range(tw):
-            a = s1[tx] + s2[tx]
-            bb = s1[tx] - s2[tx]
-            cc = s3[tx] + s4[tx]
-            dd = s3[tx] - s4[tx]
-            o0[tx] = s0[tx] + a + cc
-            o1[tx] = bb + two * dd
-            o2[tx] = a + four * cc
-            o3[tx] = bb + eight * dd + s5[tx]
-    for r in range(4):
-        oy = 4 * ty + r
-        if oy >= oh:
-            break
-        dst = dst_plane[oy * ow:(oy + 1) * ow]
-        c0 = o[(r * 4) * tw:]
-        c1 = o[(r * 4 + 1) * tw:]
-        c2 = o[(r * 4 + 2) * tw:]
-        c3 = o[(r * 4 + 3) * tw:]
-        for tx in range(full):
-            v0 = c0[tx]
-            v1 = c1[tx]
-            v2 = c2[tx]
-            v3 = c3[tx]
-            dst[4 * tx] = v0
-            dst[4 * tx + 1] = v1
-            dst[4 * tx + 2] = v2
-            dst[4 * tx + 3] = v3
-        if rest > 0:
-            dst[4 * full] = c0[full]
-            if rest > 1:
-                dst[4 * full + 1] = c1[full]
-            if rest > 2:
-                dst[4 * full + 2] = c2[full]
-
-
-def _wino_fused_scratch_elements(nc, nf, tw, nt):
-    return 36 * (nc + nf) * nt + 48 * (tw + 1) + 40 * tw
-
-
-@njit(cache=True, parallel=True)
-def _wino_fused(x, pad, th, tw, u, bias, code, y, bands_per_block, ws):
-    """Winograd F(4x4, 3x3) by blocks of tile bands, everything in the thread's scratch: input transform of the
-    block (all channels), 36 GEMMs with the transformed filters u (36, n, c), output transform + epilogue."""
-    nb, nc, h, wd = x.shape
-    nf = u.shape[1]
-    oh = y.shape[2]
-    ow = y.shape[3]
-    yflat = y.reshape(-1)
-    tw1 = tw + 1
-    blocks = (th + bands_per_block - 1) // bands_per_block
-    four = typed(y, 4.0)
-    five = typed(y, 5.0)
-    two = typed(y, 2.0)
-    eight = typed(y, 8.0)
-    for job in prange(nb * blocks):
-        scratch = ws[numba.get_thread_id()]
-        b = job // blocks
-        ty0 = (job % blocks) * bands_per_block
-        ty1 = min(th, ty0 + bands_per_block)
-        nt = (ty1 - ty0) * tw
-        vb = scratch[:36 * nc * nt]
-        mb = scratch[36 * nc * nt:36 * (nc + nf) * nt]
-        rest = scratch[36 * (nc + nf) * nt:]
-        ph = rest[:24 * tw1]
-        t = rest[24 * tw1:48 * tw1]
-        q = rest[48 * tw1:48 * tw1 + 24 * tw]
-        o = rest[48 * tw1 + 24 * tw:48 * tw1 + 40 * tw]
-        for c in range(nc):
-            for ty in range(ty0, ty1):
-                _wino_input_band(x, b, c, pad, ty, tw, ph, t, vb, nt, (ty - ty0) * tw, four, five, two)
-        for a in range(36):
-            gemm(False, False, nf, nt, nc, 1.0, u, a * nf * nc, nc, vb, a * nc * nt, nt, 0.0, mb, a * nf * nt, nt)
-        for f in range(nf):
-            plane = yflat[(b * nf + f) * oh * ow:(b * nf + f + 1) * oh * ow]
-            for ty in range(ty0, ty1):
-                _wino_output_band(mb, nf, nt, f, (ty - ty0) * tw, ty, tw, q, o, plane, oh, ow, two, four, eight)
-            start = (b * nf + f) * oh * ow + 4 * ty0 * ow
-            stop = (b * nf + f) * oh * ow + min(oh, 4 * ty1) * ow
-            bias_act_row(yflat, start, stop, bias[f], code)
 
 
 def _wino_output_scratch_elements(tw):
@@ -944,6 +866,229 @@ def _wino_output_transform(m, bias, th, tw, code, y, ws):
         bias_act_row(yflat, start, start + oh * ow, bias[f], code)
 
 
+# Winograd with long loops (wide images): every band carries one dummy tile (tx = tw), so that the tiles of all
+# bands form one flat run of th*(tw+1) and every transform step is a single long vectorised loop over it.
+
+
+def _wino_long_input_scratch_elements(th, tw):
+    return 16 * (th + 1) * (tw + 1) + 24 * th * (tw + 1) + 1
+
+
+@njit(cache=True, parallel=True)
+def _wino_input_long(x, pad, th, tw, v, ws):
+    """x (nb, c, h, w) -> v (36, c, nb*th*(tw+1)): tile (b, ty, tx) in column (b*th + ty)*(tw+1) + tx.
+
+    Per (image, channel) the padded plane is split 16 ways by (row mod 4, column mod 4): P[m][l][ty][tx] =
+    padded[4ty + m, 4tx + l]. A tile's 6 rows are then row phases 0..3 at ty and 0,1 at ty + 1 (one row of the
+    phase grid = tw+1 further in the flat index), its 6 columns phases 0..3 at tx and 0,1 at tx + 1 (the next flat
+    index): both transform steps are flat loops over the whole tile grid."""
+    nb, nc, h, wd = x.shape
+    tw1 = tw + 1
+    th1 = th + 1
+    n2 = th1 * tw1
+    flat = th * tw1
+    j0 = (pad + 3) // 4
+    j1 = max(j0, min(tw1, (wd - 4 + pad) // 4 + 1))
+    four = typed(v, 4.0)
+    five = typed(v, 5.0)
+    two = typed(v, 2.0)
+    for job in prange(nb * nc):
+        scratch = ws[numba.get_thread_id()]
+        b = job // nc
+        c = job % nc
+        ph = scratch[:16 * n2]
+        t = scratch[16 * n2:16 * n2 + 24 * flat + 1]
+        for pr in range(4 * th1):
+            mrow = pr % 4
+            ty = pr // 4
+            base = mrow * 4 * n2 + ty * tw1
+            p0 = ph[base:base + tw1]
+            p1 = ph[base + n2:base + n2 + tw1]
+            p2 = ph[base + 2 * n2:base + 2 * n2 + tw1]
+            p3 = ph[base + 3 * n2:base + 3 * n2 + tw1]
+            r = pr - pad
+            if r < 0 or r >= h:
+                for j in range(tw1):
+                    p0[j] = 0.0
+                    p1[j] = 0.0
+                    p2[j] = 0.0
+                    p3[j] = 0.0
+                continue
+            xr = x[b, c, r]
+            if j1 > j0:
+                xs = xr[4 * j0 - pad:]
+                q0 = p0[j0:]
+                q1 = p1[j0:]
+                q2 = p2[j0:]
+                q3 = p3[j0:]
+                for jj in range(j1 - j0):
+                    a0 = xs[4 * jj]
+                    a1 = xs[4 * jj + 1]
+                    a2 = xs[4 * jj + 2]
+                    a3 = xs[4 * jj + 3]
+                    q0[jj] = a0
+                    q1[jj] = a1
+                    q2[jj] = a2
+                    q3[jj] = a3
+            for j in range(min(j0, tw1)):
+                s0 = 4 * j - pad
+                p0[j] = xr[s0] if 0 <= s0 < wd else 0.0
+                p1[j] = xr[s0 + 1] if 0 <= s0 + 1 < wd else 0.0
+                p2[j] = xr[s0 + 2] if 0 <= s0 + 2 < wd else 0.0
+                p3[j] = xr[s0 + 3] if 0 <= s0 + 3 < wd else 0.0
+            for j in range(j1, tw1):
+                s0 = 4 * j - pad
+                p0[j] = xr[s0] if 0 <= s0 < wd else 0.0
+                p1[j] = xr[s0 + 1] if 0 <= s0 + 1 < wd else 0.0
+                p2[j] = xr[s0 + 2] if 0 <= s0 + 2 < wd else 0.0
+                p3[j] = xr[s0 + 3] if 0 <= s0 + 3 < wd else 0.0
+        # column transform (B^T over the tile's 6 rows), per column phase l
+        for l in range(4):
+            d0 = ph[l * n2:]
+            d1 = ph[(4 + l) * n2:]
+            d2 = ph[(8 + l) * n2:]
+            d3 = ph[(12 + l) * n2:]
+            d4 = ph[l * n2 + tw1:]
+            d5 = ph[(4 + l) * n2 + tw1:]
+            t0 = t[(l * 6) * flat:(l * 6 + 1) * flat]
+            t1 = t[(l * 6 + 1) * flat:(l * 6 + 2) * flat]
+            t2 = t[(l * 6 + 2) * flat:(l * 6 + 3) * flat]
+            t3 = t[(l * 6 + 3) * flat:(l * 6 + 4) * flat]
+            t4 = t[(l * 6 + 4) * flat:(l * 6 + 5) * flat]
+            t5 = t[(l * 6 + 5) * flat:(l * 6 + 6) * flat]
+            for i in range(flat):
+                a0 = d0[i]
+                a1 = d1[i]
+                a2 = d2[i]
+                a3 = d3[i]
+                a4 = d4[i]
+                a5 = d5[i]
+                t0[i] = four * a0 - five * a2 + a4
+                t1[i] = a3 + a4 - four * (a1 + a2)
+                t2[i] = four * (a1 - a2) - a3 + a4
+                t3[i] = two * (a3 - a1) - a2 + a4
+                t4[i] = two * (a1 - a3) - a2 + a4
+                t5[i] = four * a1 - five * a3 + a5
+        # row transform (B over the tile's 6 columns): phases 0..3 at this flat index, 0,1 at the next one
+        col = b * flat
+        for ir in range(6):
+            e0 = t[ir * flat:]
+            e1 = t[(6 + ir) * flat:]
+            e2 = t[(12 + ir) * flat:]
+            e3 = t[(18 + ir) * flat:]
+            e4 = t[ir * flat + 1:]
+            e5 = t[(6 + ir) * flat + 1:]
+            v0 = v[ir * 6, c, col:col + flat]
+            v1 = v[ir * 6 + 1, c, col:col + flat]
+            v2 = v[ir * 6 + 2, c, col:col + flat]
+            v3 = v[ir * 6 + 3, c, col:col + flat]
+            v4 = v[ir * 6 + 4, c, col:col + flat]
+            v5 = v[ir * 6 + 5, c, col:col + flat]
+            for i in range(flat):
+                a0 = e0[i]
+                a1 = e1[i]
+                a2 = e2[i]
+                a3 = e3[i]
+                a4 = e4[i]
+                a5 = e5[i]
+                v0[i] = four * a0 - five * a2 + a4
+                v1[i] = a3 + a4 - four * (a1 + a2)
+                v2[i] = four * (a1 - a2) - a3 + a4
+                v3[i] = two * (a3 - a1) - a2 + a4
+                v4[i] = two * (a1 - a3) - a2 + a4
+                v5[i] = four * a1 - five * a3 + a5
+
+
+def _wino_long_output_scratch_elements(th, tw):
+    return 40 * th * (tw + 1)
+
+
+@njit(cache=True, parallel=True)
+def _wino_output_long(m, bias, th, tw, code, y, ws):
+    """m (36, n, nb*th*(tw+1)) (layout of _wino_input_long) -> y = act(A^T m A + bias), flat loops over the tiles."""
+    nb, nf, oh, ow = y.shape
+    tw1 = tw + 1
+    flat = th * tw1
+    yflat = y.reshape(-1)
+    two = typed(y, 2.0)
+    four = typed(y, 4.0)
+    eight = typed(y, 8.0)
+    full = ow // 4
+    rest = ow - 4 * full
+    for job in prange(nb * nf):
+        scratch = ws[numba.get_thread_id()]
+        b = job // nf
+        f = job % nf
+        q = scratch[:24 * flat]
+        o = scratch[24 * flat:40 * flat]
+        col = b * flat
+        for i in range(6):
+            m0 = m[i * 6, f, col:col + flat]
+            m1 = m[i * 6 + 1, f, col:col + flat]
+            m2 = m[i * 6 + 2, f, col:col + flat]
+            m3 = m[i * 6 + 3, f, col:col + flat]
+            m4 = m[i * 6 + 4, f, col:col + flat]
+            m5 = m[i * 6 + 5, f, col:col + flat]
+            q0 = q[(i * 4) * flat:(i * 4 + 1) * flat]
+            q1 = q[(i * 4 + 1) * flat:(i * 4 + 2) * flat]
+            q2 = q[(i * 4 + 2) * flat:(i * 4 + 3) * flat]
+            q3 = q[(i * 4 + 3) * flat:(i * 4 + 4) * flat]
+            for k in range(flat):
+                a = m1[k] + m2[k]
+                bb = m1[k] - m2[k]
+                cc = m3[k] + m4[k]
+                dd = m3[k] - m4[k]
+                q0[k] = m0[k] + a + cc
+                q1[k] = bb + two * dd
+                q2[k] = a + four * cc
+                q3[k] = bb + eight * dd + m5[k]
+        for kc in range(4):
+            s0 = q[kc * flat:]
+            s1 = q[(4 + kc) * flat:]
+            s2 = q[(8 + kc) * flat:]
+            s3 = q[(12 + kc) * flat:]
+            s4 = q[(16 + kc) * flat:]
+            s5 = q[(20 + kc) * flat:]
+            o0 = o[kc * flat:(kc + 1) * flat]
+            o1 = o[(4 + kc) * flat:(5 + kc) * flat]
+            o2 = o[(8 + kc) * flat:(9 + kc) * flat]
+            o3 = o[(12 + kc) * flat:(13 + kc) * flat]
+            for k in range(flat):
+                a = s1[k] + s2[k]
+                bb = s1[k] - s2[k]
+                cc = s3[k] + s4[k]
+                dd = s3[k] - s4[k]
+                o0[k] = s0[k] + a + cc
+                o1[k] = bb + two * dd
+                o2[k] = a + four * cc
+                o3[k] = bb + eight * dd + s5[k]
+        plane = (b * nf + f) * oh * ow
+        for oy in range(oh):
+            ty = oy // 4
+            r = oy % 4
+            dst = yflat[plane + oy * ow:plane + (oy + 1) * ow]
+            c0 = o[(r * 4) * flat + ty * tw1:]
+            c1 = o[(r * 4 + 1) * flat + ty * tw1:]
+            c2 = o[(r * 4 + 2) * flat + ty * tw1:]
+            c3 = o[(r * 4 + 3) * flat + ty * tw1:]
+            for tx in range(full):
+                v0 = c0[tx]
+                v1 = c1[tx]
+                v2 = c2[tx]
+                v3 = c3[tx]
+                dst[4 * tx] = v0
+                dst[4 * tx + 1] = v1
+                dst[4 * tx + 2] = v2
+                dst[4 * tx + 3] = v3
+            if rest > 0:
+                dst[4 * full] = c0[full]
+                if rest > 1:
+                    dst[4 * full + 1] = c1[full]
+                if rest > 2:
+                    dst[4 * full + 2] = c2[full]
+        bias_act_row(yflat, plane, plane + oh * ow, bias[f], code)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # planning
 
@@ -956,9 +1101,9 @@ PATHS = (PATH_GEMM_1X1, PATH_WINOGRAD, PATH_DIRECT_1CH, PATH_IM2COL)
 
 _IM2COL_TARGET_COLS = 2048        # GEMM columns per im2col block
 _IM2COL_MAX_SCRATCH = 8 << 20     # bytes of im2col scratch per thread
-_WINOGRAD_MAX_SCRATCH = 32 << 20  # bytes of transformed input per batch chunk (the output transform needs as much)
-_WINOGRAD_BLOCK_TILES = 128
-_WINOGRAD_BLOCK_BYTES = 3 << 20
+_WINOGRAD_MAX_SCRATCH = 16 << 20  # bytes of transformed input per batch chunk (the GEMM output needs as much again)
+_WINOGRAD_LONG_MIN_TILES = 8      # tiles per band from which the long-loop layout pays
+_BACKWARD_MAX_SCRATCH = 64 << 20  # bytes of im2col + col2im scratch per thread in the per-image backward
 
 _scratch: dict = {}
 
@@ -1079,6 +1224,19 @@ class Conv2dPlan:
                 raise ValueError(f"out must be C-contiguous {self.dtype} of shape {(nb, n, oh, ow)}")
         if nb == 0:
             return y
+        with limit_threads(self._threads_for(x.shape, oh, ow)):
+            return self._run(x, y, oh, ow)
+
+    def _threads_for(self, x_shape, oh, ow):
+        nb, c, h, w = x_shape
+        outputs = nb * self.n * oh * ow
+        flops = 2.0 * outputs * self.cg * self.kh * self.kw
+        if self.path == PATH_WINOGRAD:
+            flops /= 2.25
+        itemsize = np.dtype(self.dtype).itemsize
+        return threads_for(flops, (nb * c * h * w + 2 * outputs) * itemsize)
+
+    def _run(self, x, y, oh, ow):
         path = self.path
         standard = (oh == conv_output_size(x.shape[2], self.kh, self.stride_y, self.pad, self.dilation)
                     and ow == conv_output_size(x.shape[3], self.kw, self.stride_x, self.pad, self.dilation))
@@ -1131,32 +1289,33 @@ class Conv2dPlan:
         tw = (ow + 3) // 4
         threads = numba.get_num_threads()
         itemsize = np.dtype(self.dtype).itemsize
-        # Fused blocks of tile bands when there are enough tiles for every thread (the block's transformed input and
-        # output stay in cache); otherwise three phases over all tiles, parallel inside the 36 GEMMs.
-        bands = max(1, min(th, -(-_WINOGRAD_BLOCK_TILES // tw)))
-        while bands > 1 and 36 * (self.c + self.n) * bands * tw * itemsize > _WINOGRAD_BLOCK_BYTES:
-            bands -= 1
-        blocks = nb * -(-th // bands)
-        if blocks >= 2 * threads or (threads == 1 and 36 * (self.c + self.n) * bands * tw * itemsize
-                                     <= _WINOGRAD_BLOCK_BYTES):
-            ws = _thread_scratch(threads, _wino_fused_scratch_elements(self.c, self.n, tw, bands * tw), self.dtype)
-            _wino_fused(x, self.pad, th, tw, self.wino_u, self.bias, self.fused_code, y, bands, ws)
-            return
-        per_image = 36 * max(self.c, self.n) * th * tw * itemsize
+        # Wide images: one dummy tile per band buys long vector loops in the transforms (it costs 1/tw more GEMM
+        # columns, so narrow images keep the compact layout)
+        long_loops = tw >= _WINOGRAD_LONG_MIN_TILES
+        per_band = tw + 1 if long_loops else tw
+        per_image = 36 * max(self.c, self.n) * th * per_band * itemsize
         chunk = max(1, min(nb, _WINOGRAD_MAX_SCRATCH // per_image))
         for b0 in range(0, nb, chunk):
             b1 = min(nb, b0 + chunk)
-            tiles = (b1 - b0) * th * tw
+            tiles = (b1 - b0) * th * per_band
             v = _named_scratch("wino_v", 36 * self.c * tiles, self.dtype).reshape(36, self.c, tiles)
             m = _named_scratch("wino_m", 36 * self.n * tiles, self.dtype).reshape(36, self.n, tiles)
-            ws = _thread_scratch(threads, max(_wino_input_scratch_elements(th, tw),
-                                              _wino_output_scratch_elements(tw)), self.dtype)
-            _wino_input_transform(x[b0:b1], self.pad, th, tw, v, ws)
+            if long_loops:
+                ws = _thread_scratch(threads, max(_wino_long_input_scratch_elements(th, tw),
+                                                  _wino_long_output_scratch_elements(th, tw)), self.dtype)
+                _wino_input_long(x[b0:b1], self.pad, th, tw, v, ws)
+            else:
+                ws = _thread_scratch(threads, max(_wino_input_scratch_elements(th, tw),
+                                                  _wino_output_scratch_elements(tw)), self.dtype)
+                _wino_input_transform(x[b0:b1], self.pad, th, tw, v, ws)
             # 36 GEMMs: split columns only when there are too few to keep every thread busy
             gemm_blocks = max(1, -(-2 * threads // 36))
             cols = max(64, -(-tiles // gemm_blocks))
             _batched_gemm(self.wino_u, v, m, cols)
-            _wino_output_transform(m, self.bias, th, tw, self.fused_code, y[b0:b1], ws)
+            if long_loops:
+                _wino_output_long(m, self.bias, th, tw, self.fused_code, y[b0:b1], ws)
+            else:
+                _wino_output_transform(m, self.bias, th, tw, self.fused_code, y[b0:b1], ws)
 
 
 def prepare_conv2d(weights, bias=None, stride_x=1, stride_y=1, pad=0, dilation=1, groups=1, activation="linear",
@@ -1200,35 +1359,53 @@ def conv2d_backward(x, weights, grad_y, stride_x=1, stride_y=1, pad=0, dilation=
         raise ValueError(f"shapes do not match: x {x.shape}, weights {weights.shape}, grad_y {grad_y.shape}, "
                          f"groups {groups}")
     grad_b = grad_y.sum(axis=(0, 2, 3))
-    grad_x = np.zeros_like(x) if need_grad_x else None
-    if cg == 1 and groups > 1:
-        gx = grad_x if need_grad_x else np.zeros_like(x)
-        gw_partial = np.empty((nb, n, kh, kw), dtype=dtype)
-        _direct_1ch_backward(x, weights, grad_y, stride_y, stride_x, pad, dilation, gx, gw_partial)
-        grad_w = gw_partial.sum(axis=0).reshape(n, 1, kh, kw)
-        return grad_x, grad_w, grad_b
-    ng = n // groups
-    kk = cg * kh * kw
+    itemsize = np.dtype(dtype).itemsize
     s = oh * ow
-    w2d = weights.reshape(n, kk)
-    grad_w2d = np.zeros((n, kk), dtype=dtype)
-    col = np.empty((kk, s), dtype=dtype)
-    dcol = np.empty((kk, s), dtype=dtype) if need_grad_x else None
-    one_by_one = kh == kw == 1 and stride_x == stride_y == 1 and pad == 0 and oh == h and ow == w
-    for b in range(nb):
-        for g in range(groups):
-            gy = grad_y[b, g * ng:(g + 1) * ng].reshape(ng, s)
-            if one_by_one:
-                xcol = x[b, g * cg:(g + 1) * cg].reshape(cg, s)
-            else:
-                _im2col(x, b, g * cg, cg, kh, kw, stride_y, stride_x, pad, dilation, oh, ow, col, 0, s)
-                xcol = col
-            matmul(gy, xcol, grad_w2d[g * ng:(g + 1) * ng], trans_b=True, beta=1.0)
-            if need_grad_x:
-                if one_by_one:
-                    matmul(w2d[g * ng:(g + 1) * ng], gy, grad_x[b, g * cg:(g + 1) * cg].reshape(cg, s),
-                           trans_a=True, beta=1.0)
-                else:
-                    matmul(w2d[g * ng:(g + 1) * ng], gy, dcol, trans_a=True)
-                    _col2im_add(dcol, b, g * cg, cg, kh, kw, stride_y, stride_x, pad, dilation, oh, ow, grad_x)
-    return grad_x, grad_w2d.reshape(n, cg, kh, kw), grad_b
+    flops = 4.0 * nb * n * cg * kh * kw * s
+    threads = threads_for(flops, (2 * x.size + 2 * grad_y.size) * itemsize)
+    with limit_threads(threads):
+        threads = numba.get_num_threads()
+        if cg == 1 and groups > 1:
+            gx = np.zeros_like(x)
+            gw_partial = np.empty((nb, n, kh, kw), dtype=dtype)
+            hp = max(h + 2 * pad, (oh - 1) * stride_y + (kh - 1) * dilation + 1)
+            wp = max(w + 2 * pad, (ow - 1) * stride_x + (kw - 1) * dilation + 1)
+            plane = max(hp * wp, 4 * ((hp + 1) // 2 + 1) * ((wp + 1) // 2 + 1))
+            ws = _thread_scratch(threads, 2 * plane + oh * wp + 8, dtype)
+            _direct_1ch_backward(x, weights, grad_y, stride_y, stride_x, pad, dilation, gx, gw_partial, ws)
+            return (gx if need_grad_x else None), gw_partial.sum(axis=0).reshape(n, 1, kh, kw), grad_b
+        ng = n // groups
+        kk = cg * kh * kw
+        w2d = weights.reshape(n, kk)
+        one_by_one = kh == kw == 1 and stride_x == stride_y == 1 and pad == 0 and oh == h and ow == w
+        grad_x = np.zeros_like(x) if need_grad_x else np.zeros((1, 1, 1, 1), dtype=dtype)
+        if nb >= threads and 2 * kk * s * itemsize <= _BACKWARD_MAX_SCRATCH:
+            # one job per image; each thread accumulates its own filter gradient
+            ws = _thread_scratch(threads, 1 if one_by_one else 2 * kk * s, dtype)
+            gw_partial = np.zeros((threads, n, kk), dtype=dtype)
+            _conv_backward_kernel(x, w2d, grad_y, groups, kh, kw, stride_y, stride_x, pad, dilation, one_by_one,
+                                  need_grad_x, grad_x, gw_partial, ws)
+            grad_w2d = gw_partial.sum(axis=0)
+        else:
+            # few (large) images: parallel inside each step
+            grad_w2d = np.zeros((n, kk), dtype=dtype)
+            col = np.empty((kk, s), dtype=dtype)
+            dcol = np.empty((kk, s), dtype=dtype) if need_grad_x else None
+            for b in range(nb):
+                for g in range(groups):
+                    gy = grad_y[b, g * ng:(g + 1) * ng].reshape(ng, s)
+                    if one_by_one:
+                        xcol = x[b, g * cg:(g + 1) * cg].reshape(cg, s)
+                    else:
+                        _im2col(x, b, g * cg, cg, kh, kw, stride_y, stride_x, pad, dilation, oh, ow, col, 0, s)
+                        xcol = col
+                    matmul(gy, xcol, grad_w2d[g * ng:(g + 1) * ng], trans_b=True, beta=1.0)
+                    if need_grad_x:
+                        if one_by_one:
+                            matmul(w2d[g * ng:(g + 1) * ng], gy, grad_x[b, g * cg:(g + 1) * cg].reshape(cg, s),
+                                   trans_a=True, beta=1.0)
+                        else:
+                            matmul(w2d[g * ng:(g + 1) * ng], gy, dcol, trans_a=True)
+                            _col2im_add(dcol, b, g * cg, cg, kh, kw, stride_y, stride_x, pad, dilation, oh, ow,
+                                        grad_x)
+    return (grad_x if need_grad_x else None), grad_w2d.reshape(n, cg, kh, kw), grad_b
