@@ -119,10 +119,11 @@ def read_weights(path: str | os.PathLike, graph: Graph, lenient: bool = False):
         raise DarkpruneError(f"{path}: cannot read weights: {exc.strerror}") from None
     header = read_header(path, data)
     body = data[header.nbytes:]
-    if len(body) % 4:
-        raise DarkpruneError(f"{path}: {len(body)} bytes after the header is not a whole number of float32 values")
-    floats = np.frombuffer(body, dtype="<f4")
+    stray = len(body) % 4          # a file cut inside a float: report where it ends, as for any truncation
+    floats = np.frombuffer(body[:len(body) - stray], dtype="<f4")
     expected = expected_floats(graph)
+    if stray and len(floats) >= expected and not lenient:
+        raise DarkpruneError(f"{path}: {len(body)} bytes after the header is not a whole number of float32 values")
     if len(floats) > expected and not lenient:
         raise DarkpruneError(f"{path}: {len(floats) - expected} floats left over after the last layer ({graph.cfg.path} "
                              f"needs {expected}, the file has {len(floats)}): weights for another cfg?")
