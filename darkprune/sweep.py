@@ -1,11 +1,33 @@
 """`darkprune sweep`: one sensitivity analysis, then prune + transform + evaluate + time at several thresholds.
 
-For each threshold the transformed (physically smaller) pair is written to WORKSPACE/sweep/t<threshold>.cfg/.weights
-and loaded back through OpenCV's Darknet importer (a pair no one else can load is worthless). The table, a JSON file
-(WORKSPACE/sweep.json) and a PNG plot of the metric against BFLOPs (WORKSPACE/sweep.png) sum it up.
+For each threshold the transformed (physically smaller) pair is written to WORKSPACE/sweep/t<threshold>.cfg/.weights,
+evaluated for real on the same images as the analysis, and loaded back through OpenCV's Darknet importer (a pair no
+one else can load is worthless). Latencies (batch 1, median and fastest of interleaved runs, our engine and OpenCV on the
+same thread count) come last, all models timed round-robin so that a change in the machine's load hits them alike;
+speedups are ratios of the fastest runs. Rerunning a sweep resumes the finished analysis and times again. The
+table, a JSON file (WORKSPACE/sweep.json) and a PNG plot of the metric against BFLOPs (WORKSPACE/sweep.png) sum it up.
+
+What a threshold promises. A threshold is the accuracy loss each channel group may cost on its own: every pruned group,
+pruned alone at its chosen rate, measured a loss of at most the threshold on the analysed images (that is how its
+rate was chosen, see plan.py). Each such measurement is itself uncertain: on a finite image set a harmless change
+moves the metric by chance, and a group is chosen precisely because its measurement came out low. We estimate that
+uncertainty from the analysis itself as `noise`, the largest metric *gain* any group showed when pruned alone (pruning
+the least important channels does not make a model better, so a gain is a chance swing). For the pruned model as a
+whole, with n groups pruned, the promise is
+
+    measured loss <= n x (threshold + noise)             (`promise`; `within_promise` says whether it held)
+
+i.e. each group costs at most the threshold, give or take one measurement's noise, and the costs add up. Each row
+also reports `predicted_loss`, the sum of the chosen groups' own measured losses (what an additive model predicts;
+interactions between groups and the selection effect make the real loss larger), and `loss_bound` = n x threshold.
+The promise is checked on the analysed images and reported, not enforced; finetuning then recovers accuracy.
 """
 from __future__ import annotations
 
+import math
+import os
+import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -15,26 +37,60 @@ import numpy as np
 from .errors import DarkpruneError
 
 
-def _latency_ms(model, repeats: int = 10) -> tuple[float, float | None]:
-    """Median latency at batch 1 of our engine and of OpenCV's importer on the same model."""
-    from .bench import _median_ms, _opencv_net
-    from .engine.network import Network
-    c, h, w = model.input_shape
-    x = np.random.default_rng(0).random((1, c, h, w), dtype=np.float32)
-    network = Network(model)
-    ours = _median_ms(lambda: network.forward(x), repeats, 2)
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            net = _opencv_net(model, Path(tmp))
-            names = net.getUnconnectedOutLayersNames()
+def _log_stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
 
-            def run():
-                net.setInput(x)
-                net.forward(names)
-            theirs = _median_ms(run, repeats, 2)
-    except DarkpruneError:
-        theirs = None
-    return ours, theirs
+
+def latencies(models: list, repeats: int = 15, threads: int | None = None, opencv: bool = True) -> list[dict]:
+    """Batch-1 latency (ms, median and fastest run) of each model in our engine and in OpenCV, timed round-robin
+    (model 1, 2, ..., then again) after two warm-up runs each, on the same number of threads for both engines."""
+    import cv2
+    from .engine import blas
+    from .engine.network import Network
+    threads = threads or os.cpu_count() or 1
+    blas.set_threads(threads)
+    cv2.setNumThreads(threads)
+    rng = np.random.default_rng(0)
+    entries = []
+    with tempfile.TemporaryDirectory(prefix="darkprune-latency-") as tmp:
+        for k, model in enumerate(models):
+            c, h, w = model.input_shape
+            x = rng.random((1, c, h, w), dtype=np.float32)
+            network = Network(model)
+            entry = {"ours": [], "opencv": [], "run_ours": (lambda n=network, x=x: n.forward(x)), "run_cv": None}
+            if opencv:
+                cfg, weights = Path(tmp) / f"m{k}.cfg", Path(tmp) / f"m{k}.weights"
+                model.save(cfg, weights)
+                try:
+                    net = cv2.dnn.readNetFromDarknet(str(cfg), str(weights))
+                    net.setPreferableBackend(cv2.dnn.DNN_BACKEND_OPENCV)
+                    net.setPreferableTarget(cv2.dnn.DNN_TARGET_CPU)
+                    names = net.getUnconnectedOutLayersNames()
+
+                    def run_cv(net=net, x=x, names=names):
+                        net.setInput(x)
+                        net.forward(names)
+                    entry["run_cv"] = run_cv
+                except cv2.error:
+                    pass
+            entries.append(entry)
+        for entry in entries:
+            for _ in range(2):
+                entry["run_ours"]()
+                if entry["run_cv"]:
+                    entry["run_cv"]()
+        for _ in range(repeats):
+            for entry in entries:
+                t0 = time.perf_counter()
+                entry["run_ours"]()
+                entry["ours"].append((time.perf_counter() - t0) * 1000)
+                if entry["run_cv"]:
+                    t0 = time.perf_counter()
+                    entry["run_cv"]()
+                    entry["opencv"].append((time.perf_counter() - t0) * 1000)
+    return [{"ours_ms": statistics.median(e["ours"]), "ours_min_ms": min(e["ours"]),
+             "opencv_ms": statistics.median(e["opencv"]) if e["opencv"] else None,
+             "opencv_min_ms": min(e["opencv"]) if e["opencv"] else None} for e in entries]
 
 
 def _opencv_loads(cfg: Path, weights: Path) -> bool:
@@ -46,38 +102,76 @@ def _opencv_loads(cfg: Path, weights: Path) -> bool:
         return False
 
 
-def sweep(cfg, weights, data, workspace, thresholds, rates=None, criterion="l1", limit=None, exclude=(),
-          divisible=1, batch=16, progress=True, log=print) -> dict:
-    from .darknet import load
-    from .evaluate import evaluate
-    from .prune.analysis import DEFAULT_RATES, analyze, resolve_exclude
-    from .prune.masks import apply_masks, live_stats, structure_fingerprint
-    from .prune.plan import masks_for_plan, plan_by_threshold
-    from .prune.workspace import Workspace
-    from .cli_prune import transform_and_check
-
-    thresholds = sorted({float(t) for t in thresholds})
-    if not thresholds:
+def check_thresholds(thresholds) -> list[float]:
+    try:
+        values = sorted({float(t) for t in thresholds})
+    except (TypeError, ValueError):
+        raise DarkpruneError(f"--thresholds {thresholds}: expected numbers like 0.005,0.01,0.02") from None
+    if not values:
         raise DarkpruneError("--thresholds: give at least one threshold, e.g. 0.005,0.01,0.02,0.05")
-    model = load(cfg, weights)
-    ws = Workspace(workspace)
-    ws.bind_model(model, structure_fingerprint(model.graph))
-    ws.save_config("sweep", {"cfg": cfg, "weights": weights, "data": data, "thresholds": thresholds,
-                             "rates": rates, "criterion": criterion, "limit": limit, "exclude": list(exclude),
-                             "divisible": divisible})
-    started = time.perf_counter()
-    log(f"sensitivity analysis of {cfg} on {data} (saved after each group; rerun to resume)")
-    sens = analyze(model, data, rates=rates or DEFAULT_RATES, criterion=criterion, limit=limit, divisible=divisible,
-                   exclude=exclude, out_path=ws.file("sensitivity.json"), batch=batch, progress=progress)
-    sens.plot(ws.file("sensitivity.png"))
-    excluded = resolve_exclude(model, exclude)
-    log(f"analysis: {len(sens.curves)} groups in {sens.seconds:.0f} s; baseline {sens.metric} {sens.baseline:.4f}")
+    bad = [t for t in values if math.isnan(t) or math.isinf(t) or t < 0]
+    if bad:
+        raise DarkpruneError(f"--thresholds {','.join(f'{t:g}' for t in bad)}: a threshold is the accuracy loss a "
+                             f"layer may cost, a number >= 0")
+    return values
 
-    ours, theirs = _latency_ms(model)
+
+def measurement_noise(sens) -> float:
+    """The largest metric gain any group showed when pruned alone (0 if none did)."""
+    gains = [metric - sens.baseline for curve in sens.curves.values() for metric in curve.values()]
+    return max([0.0] + gains)
+
+
+def sweep(cfg, weights, data, workspace, thresholds, rates=None, criterion="l1", limit=None, exclude=(),
+          divisible=1, batch=16, progress=True, prefix_cache=True, log=_log_stderr, timing_repeats=15) -> dict:
+    """Analyse once, then for each threshold prune, transform, evaluate, write the pair and time it. Returns the
+    table as a dict: {"metric", "baseline", "images", "noise", "rows": [...], "json", "plot", ...}."""
+    from .darknet import load
+    from .evaluate import evaluate, load_dataset
+    from .prune.analysis import DEFAULT_RATES, _check_rates, analyze, resolve_exclude
+    from .prune.masks import apply_masks, live_stats, structure_fingerprint
+    from .prune.plan import check_threshold, masks_for_plan, plan_by_threshold
+    from .prune.workspace import Workspace
+    from .cli_prune import check_workspace_path, transform_and_check
+
+    # every input is checked before anything is written
+    thresholds = check_thresholds(thresholds)
+    rates = _check_rates(rates or DEFAULT_RATES)
+    model = load(cfg, weights)
+    if not data:
+        raise DarkpruneError("darkprune sweep: --data F.data is required (the validation images to measure on)")
+    dataset = load_dataset(data, limit)
+    excluded = resolve_exclude(model, exclude)
+    fingerprint = structure_fingerprint(model.graph)
+    check_workspace_path(workspace)
+    if Path(workspace).is_dir():
+        Workspace(workspace, create=False).check_model(model, fingerprint)
+
+    def prepare():          # the baseline was measured: every input is fine, now the workspace may be written
+        ws = Workspace(workspace)
+        ws.bind_model(model, fingerprint)
+        ws.save_config("sweep", {"cfg": os.path.abspath(cfg), "weights": os.path.abspath(weights),
+                                 "data": os.path.abspath(data), "thresholds": thresholds, "rates": rates,
+                                 "criterion": criterion, "limit": limit, "exclude": list(exclude),
+                                 "divisible": divisible})
+    started = time.perf_counter()
+    log(f"sensitivity analysis of {cfg} on {len(dataset)} images of {data} (saved after each group; rerun to "
+        f"resume)")
+    sens = analyze(model, dataset, rates=rates, criterion=criterion, divisible=divisible, exclude=exclude,
+                   out_path=Path(workspace) / "sensitivity.json", batch=batch, progress=progress,
+                   prefix_cache=prefix_cache, prepare=prepare)
+    ws = Workspace(workspace, create=False)
+    sens.plot(ws.file("sensitivity.png"))
+    for t in thresholds:
+        check_threshold(t, sens)
+    noise = measurement_noise(sens)
+    log(f"analysis: {len(sens.curves)} groups in {sens.seconds:.0f} s; baseline {sens.metric} {sens.baseline:.4f}; "
+        f"largest gain of a group pruned alone (noise) {noise:.4f}")
+
     rows = [{"threshold": None, "label": "original", sens.metric: sens.baseline,
              "params": model.graph.total_params, "bflops": round(model.graph.total_bflops, 6),
-             "ours_ms": round(ours, 2), "opencv_ms": round(theirs, 2) if theirs else None,
              "cfg": str(cfg), "weights": str(weights), "opencv_loads": True}]
+    models = [model]
     out_dir = ws.file("sweep")
     out_dir.mkdir(exist_ok=True)
     for t in thresholds:
@@ -88,25 +182,40 @@ def sweep(cfg, weights, data, workspace, thresholds, rates=None, criterion="l1",
         stem = out_dir / f"t{t:g}"
         cfg_out, weights_out = Path(f"{stem}.cfg"), Path(f"{stem}.weights")    # (t0.005: not with_suffix)
         small.save(cfg_out, weights_out)
-        measured = evaluate(small, data, limit=limit, batch=batch, progress=progress)
+        measured = float(evaluate(small, dataset, batch=batch, progress=progress)[sens.metric])
         stats = live_stats(model, masks)
-        ours, theirs = _latency_ms(small)
-        row = {"threshold": t, "label": f"t={t:g}", sens.metric: float(measured[sens.metric]),
-               "loss": sens.baseline - float(measured[sens.metric]), "predicted_loss": plan.predicted_loss,
+        loss = sens.baseline - measured
+        row = {"threshold": t, "label": f"t={t:g}", sens.metric: measured, "loss": loss,
+               "predicted_loss": plan.predicted_loss, "loss_bound": len(masks.pruned) * t,
+               "promise": len(masks.pruned) * (t + noise),
+               "within_promise": loss <= len(masks.pruned) * (t + noise) + 1e-12,
                "params": small.graph.total_params, "bflops": round(small.graph.total_bflops, 6),
-               "bflops_live_stats": round(stats["total_bflops"], 6),
+               "bflops_live_stats": round(stats["total_bflops"], 6), "params_live_stats": stats["total_params"],
                "channels_pruned": masks.total_pruned, "groups_pruned": len(masks.pruned),
-               "ours_ms": round(ours, 2), "opencv_ms": round(theirs, 2) if theirs else None,
-               "cfg": str(cfg_out), "weights": str(weights_out), "opencv_loads": _opencv_loads(cfg_out, weights_out)}
+               "group_rates": {str(g): r for g, r in sorted(plan.rates.items())},
+               "cfg": str(cfg_out), "weights": str(weights_out),
+               "opencv_loads": _opencv_loads(cfg_out, weights_out)}
         rows.append(row)
-        log(f"threshold {t:g}: {sens.metric} {row[sens.metric]:.4f} (loss {row['loss']:+.4f}), "
-            f"{row['bflops']:.3f} BFLOPs, {row['params']:,} params, {row['ours_ms']:.1f} ms")
-    result = {"metric": sens.metric, "baseline": sens.baseline, "images": sens.images, "rows": rows,
-              "sensitivity": str(ws.file("sensitivity.json")), "plot": str(ws.file("sweep.png")),
-              "json": str(ws.file("sweep.json")), "seconds": round(time.perf_counter() - started, 1)}
+        models.append(small)
+        log(f"threshold {t:g}: {sens.metric} {measured:.4f} (loss {loss:+.4f}; predicted {plan.predicted_loss:.4f}; "
+            f"promise <= {row['promise']:.4f} for {len(masks.pruned)} groups: "
+            f"{'kept' if row['within_promise'] else 'NOT kept'}), {row['bflops']:.3f} BFLOPs, {row['params']:,} params")
+    log(f"timing {len(models)} models (batch 1, our engine and OpenCV, {timing_repeats} interleaved rounds)")
+    for row, timing in zip(rows, latencies(models, repeats=timing_repeats)):
+        for key, value in timing.items():
+            row[key] = round(value, 3) if value is not None else None
+    base = rows[0]
+    for row in rows[1:]:          # from the fastest runs: the least disturbed by other processes
+        row["speedup_ours"] = round(base["ours_min_ms"] / row["ours_min_ms"], 3)
+        row["speedup_opencv"] = round(base["opencv_min_ms"] / row["opencv_min_ms"], 3) \
+            if base["opencv_min_ms"] and row["opencv_min_ms"] else None
+    result = {"metric": sens.metric, "baseline": sens.baseline, "images": sens.images, "noise": noise,
+              "rates": sens.rates, "rows": rows, "sensitivity": str(ws.file("sensitivity.json")),
+              "plot": str(ws.file("sweep.png")), "json": str(ws.file("sweep.json")),
+              "seconds": round(time.perf_counter() - started, 1)}
     _plot(result, ws.file("sweep.png"))
     ws.write_json("sweep.json", result)
-    ws.update_summary("sweep", {"rows": rows})
+    ws.update_summary("sweep", {"rows": rows, "noise": noise})
     return result
 
 
@@ -126,12 +235,19 @@ def _plot(result: dict, path) -> None:
 
 def format_sweep(result: dict) -> str:
     m = result["metric"]
-    head = f"{'model':<12}{m:>9}{'loss':>9}{'BFLOPs':>9}{'params':>11}{'ours ms':>9}{'OpenCV ms':>11}  files"
-    lines = [f"sweep over {result['images']} images ({m}; threshold = accuracy loss each layer may cost)", head]
+    head = (f"{'model':<10}{m:>8}{'loss':>9}{'predicted':>10}{'promise':>9}{'groups':>7}{'BFLOPs':>8}{'params':>10}"
+            f"{'ours ms':>9}{'OpenCV ms':>10}  file")
+    lines = [f"sweep over {result['images']} images ({m}; threshold = accuracy loss each layer may cost on its own; "
+             f"noise of one measurement ~{result['noise']:.4f}; promise: loss <= groups x (threshold + noise))", head]
     for r in result["rows"]:
         loss = f"{r['loss']:+.4f}" if "loss" in r else ""
+        predicted = f"{r['predicted_loss']:.4f}" if "predicted_loss" in r else ""
+        promise = (f"<={r['promise']:.3f}" + ("" if r["within_promise"] else "!")) if "promise" in r else ""
+        groups = f"{r['groups_pruned']}" if "groups_pruned" in r else ""
         cv = f"{r['opencv_ms']:.1f}" if r.get("opencv_ms") else "-"
-        lines.append(f"{r['label']:<12}{r[m]:9.4f}{loss:>9}{r['bflops']:9.3f}{r['params']:11,}{r['ours_ms']:9.1f}"
-                     f"{cv:>11}  {Path(r['cfg']).name if r['threshold'] is not None else ''}")
-    lines.append(f"written: {result['json']}, {result['plot']}, pruned pairs in {Path(result['json']).parent / 'sweep'}")
+        lines.append(f"{r['label']:<10}{r[m]:8.4f}{loss:>9}{predicted:>10}{promise:>9}{groups:>7}{r['bflops']:8.3f}"
+                     f"{r['params']:10,}{r['ours_ms']:9.1f}{cv:>10}  "
+                     f"{Path(r['cfg']).name if r['threshold'] is not None else ''}")
+    folder = Path(result["json"]).parent / "sweep"
+    lines.append(f"written: {result['json']}, {result['plot']}, pruned pairs in {folder}")
     return "\n".join(lines)

@@ -1,18 +1,33 @@
 """Sensitivity analysis (`ana`): how much accuracy each channel group costs when a share of its channels is pruned.
 
-For each prunable group and each rate, the group's least important channels (by the criterion) are masked, the
-model is evaluated on the validation images, and the metric is recorded (mAP@0.5 for detectors, top-1 for
-classifiers). Only the group's own layers change, so the layers before the group's first member compute the same
-activations for every rate: we keep those "frontier" activations for all images and rerun only the rest of the
-network (groups are visited in network order, so the frontier moves forward once over the whole run).
+For each prunable group and each rate, the group's least important channels (by the criterion) are masked exactly as
+`masks.apply_masks` masks them, the model is evaluated on the validation images, and the metric is recorded (mAP@0.5
+for detectors, top-1 for classifiers).
 
-Results are written after every group (`sensitivity.json`, or `sensitivity.shard-I-of-N.json` for a shard), so a
-killed run resumes where it stopped; shards of one analysis merge into the same file an unsharded run writes.
+The prefix cache. Masking one group changes nothing before the group's first member, and often not much after it
+either: a member conv whose inputs are unchanged outputs the original activations with the pruned channels at zero,
+a depthwise conv reading such a map does the same, and so do routes, dropouts, upsamples and shortcuts of such maps.
+The first layer whose output really changes (the "divergence layer": typically the 1x1 conv reading the pruned
+map) is where recomputation must start. So we keep, for all evaluation images, the original activations that the
+layers from there on read (the "frontier"), zero the pruned channels in the ones that carry them, and rerun only the
+rest of the network. Groups are visited in order of their divergence layer, so the frontier moves forward once over
+the whole run. The results are bit-for-bit those of evaluating each masked model from its input
+(`prefix_cache=False`), which the tests check.
+
+Results are written after every group (`sensitivity.json`, or `sensitivity.shard-I-of-N.json` for a shard), with
+fingerprints of the model's structure, its weights and the images, so that a killed run resumes where it stopped
+(without measuring the baseline again) and a changed model or image set is refused. Shards of one analysis merge
+into the file an unsharded run writes.
 """
 from __future__ import annotations
 
+import hashlib
+import json
+import math
+import os
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,13 +38,13 @@ from ..darknet.model import Model
 from ..engine.network import Network
 from ..errors import DarkpruneError
 from .criteria import CRITERIA, channel_scores, channels_to_prune
-from .groups import Group, grouping_for
-from .masks import structure_fingerprint
+from .groups import CROSS_CHANNEL_ACTIVATIONS, NONZERO_AT_ZERO, Group, Grouping, grouping_for
+from .masks import apply_masks, structure_fingerprint
 
 FORMAT = "darkprune-sensitivity"
 DEFAULT_RATES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 # Above this many bytes of cached frontier activations we recompute from the input instead.
-FRONTIER_BUDGET_BYTES = 3 << 30
+FRONTIER_BUDGET_BYTES = 2 << 30
 
 
 @dataclass
@@ -46,18 +61,25 @@ class Sensitivity:
     curves: dict[int, dict[float, float]] = field(default_factory=dict)
     groups: dict[int, dict] = field(default_factory=dict)     # id -> {"members": [...names], "channels": n}
     shard: tuple[int, int] | None = None
-    assigned: list[int] | None = None                          # group ids this shard must analyse
+    assigned: list[int] | None = None                          # group ids this run (or shard) must analyse
     seconds: float = 0.0
+    weights_digest: str = ""                                   # sha256 of the parameters analysed
+    data_digest: str = ""                                      # sha256 of the image list, files and labels
+    exclude: list[str] = field(default_factory=list)
     model: Model | None = field(default=None, repr=False, compare=False)
 
     # -- planning (see plan.py) ---------------------------------------------------------------------------------
     def plan(self, threshold: float | None = None, rate: float | None = None, divisible: int | None = None,
              exclude=()):
+        """A Plan: `threshold=` (accuracy loss each group may cost, in the metric's units) or `rate=` (share of
+        BFLOPs to remove). `exclude`: layer names/indices never pruned (needs the model)."""
         from .plan import plan_by_rate, plan_by_threshold
-        divisible = self.divisible if divisible is None else divisible
-        excluded = resolve_exclude(self.model, exclude) if self.model is not None else set()
         if (threshold is None) == (rate is None):
             raise DarkpruneError("give exactly one of threshold= (accuracy loss per layer) or rate= (BFLOPs share)")
+        divisible = self.divisible if divisible is None else int(divisible)
+        if exclude and self.model is None:
+            raise DarkpruneError("excluding layers needs the model: Sensitivity.load(path, model)")
+        excluded = resolve_exclude(self.model, exclude) if exclude else set()
         if threshold is not None:
             return plan_by_threshold(self, threshold, divisible, excluded)
         if self.model is None:
@@ -65,47 +87,59 @@ class Sensitivity:
         return plan_by_rate(self.model, self, rate, divisible, excluded)
 
     def loss(self, group: int, rate: float) -> float:
+        """The measured metric loss of pruning `rate` of group `group` alone (negative: the metric went up)."""
         return self.baseline - self.curves[group][rate]
 
     # -- persistence ------------------------------------------------------------------------------------------
     def to_json(self) -> dict:
         return {
-            "format": FORMAT, "fingerprint": self.fingerprint, "metric": self.metric, "baseline": self.baseline,
+            "format": FORMAT, "fingerprint": self.fingerprint, "weights_digest": self.weights_digest,
+            "data_digest": self.data_digest, "metric": self.metric, "baseline": self.baseline,
             "rates": self.rates, "criterion": self.criterion, "divisible": self.divisible, "images": self.images,
-            "data": self.data, "shard": list(self.shard) if self.shard else None, "assigned": self.assigned,
-            "seconds": round(self.seconds, 2),
-            "groups": [{"id": g, **self.groups[g],
+            "data": self.data, "exclude": list(self.exclude), "shard": list(self.shard) if self.shard else None,
+            "assigned": self.assigned, "seconds": round(self.seconds, 2),
+            "groups": [{"id": g, **self.groups.get(g, {}),
                         "metric": {f"{r:g}": self.curves[g][r] for r in sorted(self.curves[g])}}
                        for g in sorted(self.curves)],
         }
 
     @classmethod
     def from_json(cls, data: dict, source: str = "sensitivity") -> "Sensitivity":
-        if data.get("format") != FORMAT:
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise DarkpruneError(f"{source}: not a darkprune sensitivity file")
-        sens = cls(data["fingerprint"], data["metric"], float(data["baseline"]), [float(r) for r in data["rates"]],
-                   data["criterion"], int(data.get("divisible", 1)), int(data["images"]), data.get("data", ""),
-                   shard=tuple(data["shard"]) if data.get("shard") else None, assigned=data.get("assigned"),
-                   seconds=float(data.get("seconds", 0.0)))
-        for g in data["groups"]:
-            gid = int(g["id"])
-            sens.curves[gid] = {float(r): float(v) for r, v in g["metric"].items()}
-            sens.groups[gid] = {k: v for k, v in g.items() if k not in ("id", "metric")}
+        try:
+            sens = cls(str(data["fingerprint"]), str(data["metric"]), float(data["baseline"]),
+                       [float(r) for r in data["rates"]], str(data["criterion"]), int(data.get("divisible", 1)),
+                       int(data["images"]), str(data.get("data", "")),
+                       shard=tuple(int(v) for v in data["shard"]) if data.get("shard") else None,
+                       assigned=[int(g) for g in data["assigned"]] if data.get("assigned") is not None else None,
+                       seconds=float(data.get("seconds", 0.0)), weights_digest=str(data.get("weights_digest", "")),
+                       data_digest=str(data.get("data_digest", "")),
+                       exclude=[str(e) for e in data.get("exclude", [])])
+            for g in data["groups"]:
+                gid = int(g["id"])
+                sens.curves[gid] = {float(r): float(v) for r, v in g["metric"].items()}
+                sens.groups[gid] = {k: v for k, v in g.items() if k not in ("id", "metric")}
+        except (KeyError, TypeError, ValueError) as exc:
+            raise DarkpruneError(f"{source}: malformed sensitivity file ({type(exc).__name__}: {exc})") from None
         return sens
 
     def save(self, path) -> None:
-        from .workspace import Workspace
+        """Write the JSON atomically (a temp file beside it, then a rename)."""
+        from ..darknet.cfg import atomic_write_bytes
         path = Path(path)
-        Workspace(path.parent).write_json(path.name, self.to_json())
+        text = json.dumps(self.to_json(), indent=1) + "\n"
+        atomic_write_bytes(path, text.encode("ascii"))
 
     @classmethod
     def load(cls, path, model: Model | None = None) -> "Sensitivity":
-        import json
         path = Path(path)
         try:
-            data = json.loads(path.read_text())
+            data = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise DarkpruneError(f"{path}: no sensitivity analysis here (run `darkprune ana` first)") from None
+        except IsADirectoryError:
+            raise DarkpruneError(f"{path}: is a folder, not a sensitivity file") from None
         except (ValueError, UnicodeDecodeError) as exc:
             raise DarkpruneError(f"{path}: corrupt sensitivity file ({exc})") from None
         sens = cls.from_json(data, str(path))
@@ -114,8 +148,16 @@ class Sensitivity:
         return sens
 
     def bind(self, model: Model, source: str = "sensitivity") -> None:
+        """Attach the model this analysis was made for; refuse another one."""
         if structure_fingerprint(model.graph) != self.fingerprint:
-            raise DarkpruneError(f"{source}: this analysis was made for another model, not {model.cfg_path}")
+            raise DarkpruneError(f"{source}: this analysis was made for another model, not "
+                                 f"{model.cfg_path or 'this model'}")
+        grouping = grouping_for(model.graph)
+        for gid, info in self.groups.items():
+            if gid >= len(grouping.groups) or (info.get("channels") and
+                                               grouping.groups[gid].channels != int(info["channels"])):
+                raise DarkpruneError(f"{source}: group {gid} does not match the channel groups of "
+                                     f"{model.cfg_path or 'this model'} (made by another darkprune version?)")
         self.model = model
 
     @property
@@ -148,220 +190,531 @@ class Sensitivity:
                    "pruning rate (share of the group's channels)", f"{self.metric} loss")
 
 
+# ----------------------------------------------------------------------------------------------------------------
 def resolve_exclude(model: Model, exclude) -> set[int]:
-    """Layer names/indices the user protects -> the ids of the groups containing them."""
+    """Layer names/indices the user protects -> the ids of the prunable groups holding their channels. An unknown
+    name or an index out of range is refused, naming the cfg; a layer that is never pruned anyway (a head's conv, a
+    maxpool: Vitis AI users list those in ignore_layer) gets a warning."""
     if not exclude:
         return set()
-    grouping = grouping_for(model.graph)
-    by_layer = {}
+    if isinstance(exclude, (str, int)):
+        exclude = [exclude]
+    graph = model.graph
+    grouping = grouping_for(graph)
+    by_layer: dict[int, set[int]] = {}
     for g in grouping.groups:
         for m in g.members:
             by_layer.setdefault(m, set()).add(g.id)
     out: set[int] = set()
     for item in exclude:
-        layer = model.graph.find(str(item).strip())
-        if layer.index not in by_layer:
-            raise DarkpruneError(f"--exclude {item}: layer {layer.index} ({layer.name}, [{layer.section.header}]) "
-                                 f"has no prunable channels; name convolutional or connected layers")
-        out |= by_layer[layer.index]
+        text = str(item).strip()
+        if not text:
+            continue
+        if text.lstrip("-").isdigit() and not 0 <= int(text) < len(graph):
+            raise DarkpruneError(f"--exclude {text}: {graph.cfg.path} has layers 0..{len(graph) - 1}")
+        try:
+            layer = graph.find(text)
+        except DarkpruneError:
+            raise DarkpruneError(f"--exclude {text}: no layer named '{text}' in {graph.cfg.path} (names look like "
+                                 f"conv12 or connected3, or give the layer index; `darkprune info` lists them)") \
+                from None
+        groups = {g for g in by_layer.get(layer.index, ()) if grouping.groups[g].prunable}
+        if not groups:
+            why = next((grouping.groups[g].reason for g in by_layer.get(layer.index, ())), "")
+            warnings.warn(f"--exclude {text}: layer {layer.index} ({layer.name}, [{layer.section.header}]) of "
+                          f"{graph.cfg.path} is never pruned anyway" + (f" ({why})" if why else ""))
+        out |= groups
     return out
 
 
 def metric_name(model: Model) -> str:
-    heads = [l for l in model.graph if l.type in ("yolo", "region", "gaussian_yolo", "detection")]
-    return "map50" if heads else "top1"
+    from ..detect import is_detector
+    return "map50" if is_detector(model.graph) else "top1"
+
+
+def evaluation_outputs(network: Network) -> list[int]:
+    """The layers evaluate() reads: the [yolo]/[region] heads, or the classifier's output layer."""
+    from ..detect import classifier_output, detection_heads
+    heads = [index for index, _ in detection_heads(network.graph)]
+    return heads or [classifier_output(network)]
+
+
+def prunable_groups(model: Model, exclude=()) -> list[Group]:
+    """The groups an analysis visits, in network order (by first member)."""
+    grouping = grouping_for(model.graph)
+    excluded = resolve_exclude(model, exclude)
+    groups = [g for g in grouping.groups if g.prunable and g.id not in excluded]
+    return sorted(groups, key=lambda g: (min(g.members), g.id))
 
 
 def shard_groups(groups: list[Group], shard: tuple[int, int] | None) -> list[Group]:
+    """Shard I of N takes every N-th group from the I-th (round robin: each shard gets early and late groups)."""
     if shard is None:
         return groups
     index, count = shard
     return groups[index - 1::count]
 
 
-def _masked_overrides(model: Model, group: Group, channels: np.ndarray) -> dict[int, dict[str, np.ndarray]]:
-    """The member layers' parameters with `channels` of the group cleared (exactly as masks.apply_masks does)."""
-    overrides: dict[int, dict[str, np.ndarray]] = {}
-    for part in group.parts:
-        arrays = overrides.get(part.layer)
-        if arrays is None:
-            arrays = {k: v.copy() for k, v in model.params[part.layer].items()}
-            overrides[part.layer] = arrays
-        chans = part.channels[channels]
-        for name in ("weights", "biases", "scales", "rolling_mean"):
-            if name in arrays:
-                arrays[name][chans] = 0.0
-        if "rolling_variance" in arrays:
-            arrays["rolling_variance"][chans] = 1.0
-    return overrides
+def weights_digest(model: Model) -> str:
+    h = hashlib.sha256()
+    for index in sorted(model.params):
+        for name in sorted(model.params[index]):
+            arr = np.ascontiguousarray(model.params[index][name], dtype=np.float32)
+            h.update(f"{index}:{name}:{arr.shape}".encode())
+            h.update(arr.tobytes())
+    return h.hexdigest()[:32]
 
 
+def data_digest(dataset) -> str:
+    """The image files (path, size, modification time) and their ground truth, hashed."""
+    h = hashlib.sha256()
+    for i, path in enumerate(dataset.image_paths):
+        try:
+            st = os.stat(path)
+        except OSError:
+            raise DarkpruneError(f"{path}: no such image file") from None
+        h.update(f"{os.path.abspath(path)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))
+        if dataset.boxes is not None:
+            h.update(np.ascontiguousarray(dataset.boxes[i], dtype=np.float32).tobytes())
+    if dataset.labels is not None:
+        h.update(np.ascontiguousarray(dataset.labels, dtype=np.int64).tobytes())
+    return h.hexdigest()[:32]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The masked variant of one group at one rate
+
+def affected_layers(group: Group) -> list[int]:
+    """Layers whose parameters masking `group` may change: its members and the layers reading its channels."""
+    return sorted({p.layer for p in group.parts} | {c.layer for c in group.consumers})
+
+
+def masked_overrides(model: Model, group: Group, channels: np.ndarray) -> dict[int, dict[str, np.ndarray]]:
+    """The parameters of the layers that masking `channels` of `group` changes, exactly as `apply_masks` changes
+    them (members' filters, biases and batch-norm rows, standalone batch norms, per-channel shortcut weights and
+    the input columns of every reader). Only those layers are copied."""
+    layers = affected_layers(group)
+    sub = Model(model.cfg, model.graph, {i: model.params[i] for i in layers if i in model.params}, model.header)
+    return apply_masks(sub, {group.id: channels}).params
+
+
+_SAFE_PASS_THROUGH = {"route", "dropout", "empty", "upsample", "avgpool"}
+
+
+def divergence_layer(grouping: Grouping, group: Group) -> tuple[int, set[int]]:
+    """(d, zeroed): the first layer whose output, with any share of `group` masked, can differ from the original
+    other than by the group's channels being exactly zero; and the layers before d whose outputs carry the group's
+    (then zero) channels. Layers before d need not be recomputed: their outputs are the original ones with the
+    pruned channels set to 0. Conservative: any layer these rules do not know to be safe counts as diverging."""
+    graph = grouping.graph
+    space = grouping.space
+    gid = group.id
+    owner = grouping.owner_group
+    members = set(group.members)
+    zeroed: set[int] = set()              # layers whose output is the original with some group channels at zero
+    start = min(members)
+    for layer in graph.layers[start:]:
+        i = layer.index
+        t, a = layer.type, layer.attrs
+        ins_zeroed = [j for j in layer.inputs if j in zeroed]
+        own_ids = space.ids[i]
+        carries = bool((owner[own_ids] == gid).any())
+        if t in ("convolutional", "connected"):
+            reads = space.input_ids(layer) if layer.sources else np.zeros(0, np.int64)
+            reads_group = bool(ins_zeroed) and bool((owner[reads] == gid).any())
+            if reads_group:
+                if t != "convolutional" or a["groups"] <= 1 or not _blocks_follow_group(grouping, layer, reads,
+                                                                                        own_ids, gid):
+                    return i, zeroed
+            if i in members or carries:
+                if NONZERO_AT_ZERO.get(a.get("activation"), 0.0) != 0.0 or \
+                        a.get("activation") in CROSS_CHANNEL_ACTIVATIONS:
+                    return i, zeroed
+                zeroed.add(i)
+            elif reads_group:
+                return i, zeroed            # (not reached: a grouped conv reading the group is a member)
+            continue
+        if not ins_zeroed:
+            if carries:                     # group channels made by a member not yet reached: cannot happen
+                return i, zeroed
+            continue
+        act = a.get("activation", "linear")
+        zero_at_zero = NONZERO_AT_ZERO.get(act, 0.0) == 0.0 and act not in CROSS_CHANNEL_ACTIVATIONS
+        if t in _SAFE_PASS_THROUGH:
+            zeroed.add(i)
+        elif t == "shortcut" and zero_at_zero and _all_operands_carry(space, layer, owner, gid):
+            zeroed.add(i)
+        elif t == "activation" and zero_at_zero:
+            zeroed.add(i)
+        elif t == "batchnorm":
+            zeroed.add(i)                   # apply_masks clears its pruned entries: 0 -> 0
+        else:
+            return i, zeroed
+    return len(graph) - 1, zeroed
+
+
+def _blocks_follow_group(grouping: Grouping, layer, reads: np.ndarray, own: np.ndarray, gid: int) -> bool:
+    """A grouped conv reading the group's channels is safe when every block it reads a group channel in is one
+    group channel as a whole (inputs and filters), so pruning that channel removes the whole block's filters."""
+    g = layer.attrs["groups"]
+    cin, n = len(reads) // g, len(own) // g
+    owner, chan = grouping.owner_group, grouping.owner_channel
+    for k in range(g):
+        block_in, block_out = reads[k * cin:(k + 1) * cin], own[k * n:(k + 1) * n]
+        if not (owner[block_in] == gid).any():
+            continue
+        ids = np.concatenate([block_in, block_out])
+        if not ((owner[ids] == gid).all() and len(np.unique(chan[ids])) == 1):
+            return False
+    return True
+
+
+def _all_operands_carry(space, layer, owner: np.ndarray, gid: int) -> bool:
+    """Every operand of a shortcut has the group's channels at the same positions (they are tied)."""
+    operands = [owner[space.operand(layer, k)] == gid for k in range(len(layer.sources))]
+    return all(len(o) == len(operands[0]) and (o == operands[0]).all() for o in operands)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 class _PrefixCache:
-    """Frontier activations of all evaluation images at a layer position, moved forward group by group."""
+    """Original activations of all evaluation images at the current divergence layer (its frontier), moved forward
+    group by group; filled by the first full forward pass (the baseline evaluation, or the first variant on
+    resume)."""
 
-    def __init__(self, network: Network, inputs: np.ndarray, outputs: list[int], batch: int, enabled: bool = True):
+    def __init__(self, network: Network, outputs: list[int], images: int, enabled: bool = True):
         self.network = network
-        self.outputs = list(outputs)      # head layers: those before the position are kept from the base run
-        self.inputs = inputs
-        self.batch = batch
-        self.position = 0
-        self.state: dict[int, np.ndarray] = {-1: inputs}
+        self.graph = network.graph
+        self.outputs = list(outputs)
+        self.images = images
         self.enabled = enabled
+        self.position: int | None = None          # the divergence layer the state serves
+        self.state: dict[int, np.ndarray] = {}
 
-    def advance(self, target: int) -> None:
-        if not self.enabled or target <= self.position:
+    def need(self, position: int) -> list[int]:
+        """What serving a run from `position` needs: the frontier, plus evaluated outputs made earlier."""
+        return sorted(set(self.network.frontier(position)) | {o for o in self.outputs if o < position})
+
+    def _bytes(self, layers: list[int]) -> int:
+        shape = self.graph.input_shape
+        per_image = sum(int(np.prod(self.graph[i].out_shape if i >= 0 else shape)) for i in layers)
+        return per_image * 4 * self.images
+
+    def fits(self, position: int) -> bool:
+        return self._bytes(self.need(position)) <= FRONTIER_BUDGET_BYTES
+
+    def advance(self, target: int, batch: int) -> None:
+        """Move the frontier forward to `target` (computing what is new from the current frontier)."""
+        if not self.enabled or self.position is None or target == self.position:
             return
-        need = sorted(set(self.network.frontier(target)) | {o for o in self.outputs if o < target})
-        fresh = [i for i in need if i >= self.position]
-        size = sum(int(np.prod(self.network.graph[i].out_shape)) for i in need if i >= 0) * 4 * len(self.inputs)
-        if size > FRONTIER_BUDGET_BYTES:
-            self.enabled = False          # too large to keep: evaluate from the input from now on
-            self.state = {-1: self.inputs}
-            self.position = 0
+        if target < self.position or not self.fits(target):
+            self.state, self.position = {}, None   # refilled by the next full pass (or kept off when too large)
+            self.enabled = self.fits(target)
             return
+        need = self.need(target)
+        fresh = [i for i in need if i not in self.state]
         computed: dict[int, list[np.ndarray]] = {i: [] for i in fresh}
         if fresh:
-            keep_from = [k for k in self.state if k in self.network.frontier(self.position)]
-            for start in range(0, len(self.inputs), self.batch):
-                sl = slice(start, start + self.batch)
-                cached = {k: self.state[k][sl] for k in keep_from}
+            for start in range(0, self.images, batch):
+                cached = {k: v[start:start + batch] for k, v in self.state.items()}
                 out = self.network.forward(None, outputs=fresh, start=self.position, cached=cached)
                 for i in fresh:
                     computed[i].append(out[i])
         self.state = {i: (np.concatenate(computed[i]) if i in computed else self.state[i]) for i in need}
         self.position = target
 
-    def runner(self, variant: Network, outputs: list[int]):
-        """A forward(x) for evaluate(): batches arrive in dataset order; they are served from the frontier."""
-        position = {"next": 0}
-        start_layer = self.position
+    def runner(self, variant: Network, position: int, zero: dict[int, np.ndarray]):
+        """A forward(x) for evaluate(): batches arrive in dataset order. Served from the frontier at `position`
+        (the pruned channels `zero[layer]` of the frontier layers set to 0), or, while the frontier is empty, run
+        from the input (the original network up to the frontier, kept for the next runs, then the variant)."""
+        served = {"next": 0}
+        filling = self.enabled and self.position is None and self.fits(position)
+        parts: dict[int, list[np.ndarray]] = {}
+        need = self.need(position)
+        outputs = self.outputs
+        later = [o for o in outputs if o >= position]
 
         def forward(x: np.ndarray) -> dict:
-            lo = position["next"]
+            lo = served["next"]
             hi = lo + len(x)
-            position["next"] = hi
-            if not self.enabled or start_layer == 0:
+            served["next"] = hi
+            if filling:
+                layers = [i for i in need if i >= 0]
+                base = self.network.forward(x, outputs=layers) if layers else {}
+                base[-1] = x
+                for i in need:
+                    parts.setdefault(i, []).append(np.array(base[i], copy=True))
+                if hi >= self.images:
+                    self.state = {i: np.concatenate(parts[i]) for i in need}
+                    self.position = position
+                cached = {i: base[i] for i in need}
+            elif self.enabled and self.position == position:
+                cached = {i: self.state[i][lo:hi] for i in need}
+            else:
                 return variant.forward(x, outputs=outputs)
-            cached = {k: v[lo:hi] for k, v in self.state.items()}
-            later = [o for o in outputs if o >= start_layer]
-            result = variant.forward(None, outputs=later, start=start_layer, cached=cached) if later else {}
-            result.update({o: cached[o] for o in outputs if o < start_layer})
+            cached = {i: (_zeroed(v, zero[i]) if i in zero else v) for i, v in cached.items()}
+            result = variant.forward(None, outputs=later, start=position, cached=cached) if later else {}
+            result.update({o: cached[o] for o in outputs if o < position})
             return result
         return forward
 
+    def base_runner(self, position: int):
+        """forward(x) for the baseline evaluation, filling the frontier at `position` on the way."""
+        served = {"next": 0}
+        filling = self.enabled and self.fits(position)
+        need = self.need(position)
+        parts: dict[int, list[np.ndarray]] = {}
 
+        def forward(x: np.ndarray) -> dict:
+            hi = served["next"] + len(x)
+            served["next"] = hi
+            if not filling:
+                return self.network.forward(x, outputs=self.outputs)
+            out = self.network.forward(x, outputs=self.outputs, keep=[i for i in need if i >= 0])
+            out[-1] = x
+            for i in need:
+                parts.setdefault(i, []).append(np.array(out[i], copy=True))
+            if hi >= self.images:
+                self.state = {i: np.concatenate(parts[i]) for i in need}
+                self.position = position
+            return out
+        return forward
+
+
+class _Measure:
+    """The analysis' metric of one variant: evaluate()'s number, computed with less around it for detectors.
+
+    evaluate() also computes mAP@0.5:0.95 (ten IoU thresholds) and per-class tables the analysis does not use; for
+    detectors we run the same steps (the same cached inputs, decode_image at `detector map`'s threshold and NMS, the
+    same DetectionEvaluator) with only the IoU threshold 0.5. The tests check that the figure equals evaluate()'s.
+    Classifiers go through evaluate() itself."""
+
+    def __init__(self, network: Network, dataset, metric: str, batch: int, cache_dir):
+        from ..detect import detection_heads
+        self.dataset, self.metric, self.batch, self.cache_dir = dataset, metric, batch, cache_dir
+        self.heads = detection_heads(network.graph)
+        net = network.graph.net
+        self.width, self.height, self.channels = int(net["width"]), int(net["height"]), int(net["channels"])
+        self.letterbox = bool(net.get("letter_box", 0))
+        self.lean = bool(self.heads) and dataset.kind == "detection" and \
+            self.heads[-1][1].classes == dataset.classes
+        self.entry = None
+        if self.lean:
+            from ..data import cached_inputs
+            # opened once: batches are handed on as views of the memory map, so a run served from the frontier
+            # never reads (or copies) an input image
+            self.entry = cached_inputs(dataset, self.width, self.height, self.channels,
+                                       "letterbox" if self.letterbox else "darknet", cache_dir, batch, False)
+
+    def __call__(self, network: Network, forward=None) -> float:
+        from ..evaluate import MAP_NMS, MAP_THRESH, evaluate
+        if not self.lean:
+            result = evaluate(None, self.dataset, network=network, forward=forward, progress=False,
+                              batch=self.batch, cache_dir=self.cache_dir)
+            return float(result[self.metric])
+        from ..engine.decode import decode_image
+        from ..metrics import DetectionEvaluator
+        run = forward or network.forward
+        dataset = self.dataset
+        evaluator = DetectionEvaluator(dataset.classes, dataset.names, 0.5, 0.25, iou_thresholds=())
+        for start, stop, inputs, sizes in self.entry.batches(self.batch):
+            outputs = run(inputs)
+            for i in range(stop - start):
+                dets = decode_image([(outputs[index][i], params) for index, params in self.heads], self.width,
+                                    self.height, int(sizes[i][0]), int(sizes[i][1]), thresh=MAP_THRESH,
+                                    nms_thresh=MAP_NMS, letterbox=self.letterbox)
+                evaluator.add(dets, dataset.boxes[start + i])
+        return float(evaluator.result(0)["map50"])
+
+
+def _zeroed(x: np.ndarray, channels: np.ndarray) -> np.ndarray:
+    out = np.array(x, copy=True)
+    out[:, channels] = 0.0
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
 def analyze(model: Model, data, rates=DEFAULT_RATES, criterion: str = "l1", limit: int | None = None,
             divisible: int = 1, exclude=(), shard: tuple[int, int] | None = None, out_path=None,
             resume: bool = True, batch: int = 16, prefix_cache: bool = True, progress: bool = True,
-            cache_dir=None) -> Sensitivity:
-    """Run the sensitivity analysis; with `out_path`, results are saved after every group and a previous partial
-    run in that file is resumed."""
+            cache_dir=None, callback=None, prepare=None) -> Sensitivity:
+    """Run the sensitivity analysis of `model` on `data` (a Dataset or a .data path).
+
+    `rates`: shares of each group's channels to prune, each strictly between 0 and 1. `criterion`: "l1" or "bn".
+    `divisible`: kept channels rounded up to a multiple. `exclude`: layer names/indices never pruned. `shard`:
+    (I, N) analyses the I-th of N round-robin shares of the groups. With `out_path`, results are saved after every
+    group and a previous partial run in that file is resumed (`resume=False` starts over). `callback(group_id,
+    curve)` is called after each group is saved. `prepare()` is called once, after every input was checked and the
+    baseline measured, before anything is written (the CLI creates the workspace there, so that a refused run leaves
+    nothing behind). `prefix_cache=False` evaluates every variant from the input."""
     from ..evaluate import evaluate, load_dataset, progress_enabled
 
-    rates = sorted({float(r) for r in rates})
-    if not rates or rates[0] <= 0 or rates[-1] >= 1:
-        raise DarkpruneError(f"--rates {','.join(f'{r:g}' for r in rates)}: rates must lie strictly between 0 and 1 "
-                             f"(a rate of 1 would empty a layer)")
+    rates = _check_rates(rates)
     if criterion not in CRITERIA:
         raise DarkpruneError(f"--criterion {criterion}: expected one of {', '.join(CRITERIA)}")
-    if shard is not None and not (1 <= shard[0] <= shard[1]):
-        raise DarkpruneError(f"--shard {shard[0]}/{shard[1]}: expected I/N with 1 <= I <= N")
+    divisible = int(divisible)
+    if divisible < 1:
+        raise DarkpruneError(f"--divisible {divisible}: must be a whole number >= 1")
+    if shard is not None:
+        shard = (int(shard[0]), int(shard[1]))
+        if not 1 <= shard[0] <= shard[1]:
+            raise DarkpruneError(f"--shard {shard[0]}/{shard[1]}: expected I/N with 1 <= I <= N")
+    batch = int(batch)
+    if batch < 1:
+        raise DarkpruneError(f"--batch {batch}: must be >= 1")
     dataset = load_dataset(data, limit)
+    exclude = [str(e).strip() for e in ([exclude] if isinstance(exclude, (str, int)) else exclude or ())
+               if str(e).strip()]
     grouping = grouping_for(model.graph)
-    excluded = resolve_exclude(model, exclude)
-    prunable = [g for g in grouping.groups if g.prunable and g.id not in excluded]
-    prunable.sort(key=lambda g: (min(g.members), g.id))
-    mine = shard_groups(prunable, shard)
+    mine = shard_groups(prunable_groups(model, exclude), shard)
     fingerprint = structure_fingerprint(model.graph)
+    digest_w, digest_d = weights_digest(model), data_digest(dataset)
     metric = metric_name(model)
     show = progress_enabled(progress)
-    network = Network(model)
-
-    width, height, channels = (model.graph.net[k] for k in ("width", "height", "channels"))
-    heads = [l.index for l in model.graph if l.type in ("yolo", "region")]
-    outputs = heads or model.graph.output_layers()
-    # The baseline evaluation also collects the preprocessed inputs, in evaluation order, for the prefix cache.
-    keep_inputs = prefix_cache and len(dataset) * channels * height * width * 4 <= FRONTIER_BUDGET_BYTES
-    captured: list[np.ndarray] = []
-
-    def capture(x: np.ndarray) -> dict:
-        if keep_inputs:
-            captured.append(np.array(x, dtype=np.float32, copy=True))
-        return network.forward(x, outputs=outputs)
-
     started = time.perf_counter()
-    base = evaluate(None, dataset, network=network, forward=capture, progress=show, batch=batch,
-                    cache_dir=cache_dir)
-    baseline = float(base[metric])
 
     sens = None
     if out_path is not None and resume and Path(out_path).exists():
         sens = Sensitivity.load(out_path, model)
-        same = (sens.rates == rates and sens.criterion == criterion and sens.images == len(dataset)
-                and sens.divisible == divisible and (sens.shard == shard))
-        if not same:
-            raise DarkpruneError(f"{out_path}: an analysis with other settings (rates, criterion, images, shard) is "
-                                 f"already here; use another workspace or delete the file to start over")
-        if abs(sens.baseline - baseline) > 1e-9:
-            raise DarkpruneError(f"{out_path}: the analysis here measured {metric} {sens.baseline:.6f}, the model now "
-                                 f"gives {baseline:.6f}: the images or weights changed; use a new workspace")
-    if sens is None:
-        sens = Sensitivity(fingerprint, metric, baseline, rates, criterion, divisible, len(dataset),
-                           str(getattr(dataset, "source", "")), shard=shard, assigned=[g.id for g in mine],
-                           seconds=time.perf_counter() - started)
-    sens.model = model
-    todo = [g for g in mine if not (g.id in sens.curves and len(sens.curves[g.id]) == len(rates))]
-    if not todo:
+        _check_resumable(sens, out_path, rates, criterion, len(dataset), divisible, shard, exclude, digest_w,
+                         digest_d)
+    todo = [g for g in mine if sens is None or not (g.id in sens.curves and len(sens.curves[g.id]) == len(rates))]
+    if sens is not None and not todo:
+        sens.model = model
+        if prepare is not None:
+            prepare()
         return sens
-    prefix = _PrefixCache(network, np.concatenate(captured), outputs, batch) if captured else None
-    captured.clear()
-    started = time.perf_counter() - sens.seconds
+
+    network = Network(model)
+    outputs = evaluation_outputs(network)
+    positions = {g.id: divergence_layer(grouping, g) for g in todo}
+    todo.sort(key=lambda g: (positions[g.id][0], g.id))
+    prefix = _PrefixCache(network, outputs, len(dataset), enabled=prefix_cache)
+
+    if sens is None:
+        first = positions[todo[0].id][0] if todo else 0
+        forward = prefix.base_runner(first) if prefix_cache and todo else None
+        base = evaluate(None, dataset, network=network, forward=forward, progress=show, batch=batch,
+                        cache_dir=cache_dir)
+        sens = Sensitivity(fingerprint, metric, float(base[metric]), rates, criterion, divisible, len(dataset),
+                           _source(dataset), shard=shard, assigned=[g.id for g in mine],
+                           weights_digest=digest_w, data_digest=digest_d, exclude=list(exclude))
+        if prepare is not None:
+            prepare()
+        if out_path is not None:
+            sens.save(out_path)
+    elif prepare is not None:
+        prepare()
+    sens.model = model
+    previous = sens.seconds
+    measure = _Measure(network, dataset, metric, batch, cache_dir)
     bar = tqdm(total=len(todo) * len(rates), desc="analysis", unit="eval", file=sys.stderr, disable=not show,
                dynamic_ncols=True)
     try:
         for group in todo:
+            position, zeroed_layers = positions[group.id]
             scores = channel_scores(model, group, criterion)
+            if prefix_cache:
+                prefix.advance(position, batch)
             curve = {}
-            if prefix is not None:
-                prefix.advance(min(group.members))
             for rate in rates:
                 chans = channels_to_prune(scores, rate, divisible)
-                variant = network.variant(_masked_overrides(model, group, chans))
-                forward = prefix.runner(variant, outputs) if prefix is not None else None
-                result = evaluate(None, dataset, network=variant, forward=forward, progress=False, batch=batch,
-                                  cache_dir=cache_dir)
-                curve[rate] = float(result[metric])
+                variant = network.variant(masked_overrides(model, group, chans))
+                forward = None
+                if prefix_cache:
+                    zero = _zero_positions(grouping, group, chans, prefix.need(position), zeroed_layers)
+                    forward = prefix.runner(variant, position, zero)
+                curve[rate] = measure(variant, forward)
                 bar.update(1)
                 bar.set_postfix_str(f"group {group.id} rate {rate:g}: {metric} {curve[rate]:.4f}")
             sens.curves[group.id] = curve
             sens.groups[group.id] = {"members": [model.graph[m].name for m in group.members],
                                      "channels": int(group.channels)}
-            sens.seconds = time.perf_counter() - started
+            sens.seconds = previous + time.perf_counter() - started
             if out_path is not None:
                 sens.save(out_path)
+            if callback is not None:
+                callback(group.id, dict(curve))
     finally:
         bar.close()
     return sens
 
 
+def _zero_positions(grouping: Grouping, group: Group, chans: np.ndarray, need: list[int],
+                    zeroed_layers: set[int]) -> dict[int, np.ndarray]:
+    """For each frontier layer carrying the group's channels: which of its output channels are pruned."""
+    pruned = group.global_ids[chans].ravel()
+    out = {}
+    for i in need:
+        if i in zeroed_layers:
+            pos = np.flatnonzero(np.isin(grouping.space.ids[i], pruned))
+            if len(pos):
+                out[i] = pos
+    return out
+
+
+def _source(dataset) -> str:
+    source = getattr(dataset, "source", "") or ""
+    return str(Path(source).resolve()) if source else ""
+
+
+def _check_rates(rates) -> list[float]:
+    try:
+        values = sorted({float(r) for r in rates})
+    except (TypeError, ValueError):
+        raise DarkpruneError(f"--rates {rates}: expected numbers like 0.1,0.2,0.5") from None
+    bad = [r for r in values if not (0.0 < r < 1.0) or math.isnan(r)]
+    if not values or bad:
+        shown = ",".join(f"{r:g}" for r in (bad or values)) or "(none)"
+        raise DarkpruneError(f"--rates {shown}: rates must lie strictly between 0 and 1 (a rate of 1 would empty a "
+                             f"layer, 0 prunes nothing)")
+    return values
+
+
+def _check_resumable(sens: Sensitivity, path, rates, criterion, images, divisible, shard, exclude, digest_w,
+                     digest_d) -> None:
+    mine = (sens.rates, sens.criterion, sens.images, sens.divisible, sens.shard, sorted(sens.exclude))
+    asked = (rates, criterion, images, divisible, shard, sorted(exclude))
+    if mine != asked:
+        names = ("rates", "criterion", "images", "divisible", "shard", "exclude")
+        diff = ", ".join(f"{n} {a!r} here, {b!r} asked" for n, a, b in zip(names, mine, asked) if a != b)
+        raise DarkpruneError(f"{path}: an analysis with other settings is already here ({diff}); use another "
+                             f"workspace, or delete the file to start over")
+    if sens.weights_digest and sens.weights_digest != digest_w:
+        raise DarkpruneError(f"{path}: this analysis was made with other weights; use a new workspace")
+    if sens.data_digest and sens.data_digest != digest_d:
+        raise DarkpruneError(f"{path}: this analysis was made on other images or labels (files changed since); "
+                             f"use a new workspace")
+
+
 def merge_shards(paths: list, model: Model, out_path=None) -> Sensitivity:
     """Join the shard files of one analysis into the file an unsharded run writes."""
+    if not paths:
+        raise DarkpruneError("no shard files (sensitivity.shard-I-of-N.json) to merge: run `darkprune ana --shard "
+                             "I/N` first")
     shards = [Sensitivity.load(p, model) for p in paths]
-    if not shards:
-        raise DarkpruneError("no shard files to merge")
     first = shards[0]
-    count = first.shard[1] if first.shard else 1
-    seen = sorted(s.shard[0] for s in shards if s.shard)
-    if seen != list(range(1, count + 1)):
-        raise DarkpruneError(f"shards {seen} of {count} found: every shard 1..{count} must be present to merge")
     for s, p in zip(shards, paths):
-        if (s.rates, s.criterion, s.images, s.divisible, s.metric) != \
-                (first.rates, first.criterion, first.images, first.divisible, first.metric):
-            raise DarkpruneError(f"{p}: this shard ran with other settings than {paths[0]}")
+        if not s.shard:
+            raise DarkpruneError(f"{p}: not a shard file (made without --shard)")
+    count = first.shard[1]
+    seen = sorted(s.shard[0] for s in shards)
+    if any(s.shard[1] != count for s in shards) or seen != list(range(1, count + 1)):
+        raise DarkpruneError(f"{Path(paths[0]).parent}: shards {seen} of {count} found; every shard 1..{count} "
+                             f"must be present (and once) to merge")
+    keys = ("rates", "criterion", "images", "divisible", "metric", "weights_digest", "data_digest", "exclude")
+    for s, p in zip(shards, paths):
+        if any(getattr(s, k) != getattr(first, k) for k in keys):
+            raise DarkpruneError(f"{p}: this shard ran with other settings, weights or images than {paths[0]}")
+        if abs(s.baseline - first.baseline) > 1e-12:
+            raise DarkpruneError(f"{p}: this shard measured {s.metric} {s.baseline}, {paths[0]} {first.baseline}")
         if not s.complete:
-            raise DarkpruneError(f"{p}: shard {s.shard[0]}/{s.shard[1]} is not finished")
+            missing = [g for g in (s.assigned or []) if g not in s.curves]
+            raise DarkpruneError(f"{p}: shard {s.shard[0]}/{s.shard[1]} is not finished ({len(missing)} groups "
+                                 f"left); rerun it to resume")
     merged = Sensitivity(first.fingerprint, first.metric, first.baseline, first.rates, first.criterion,
-                         first.divisible, first.images, first.data, shard=None, seconds=sum(s.seconds for s in shards))
+                         first.divisible, first.images, first.data, shard=None,
+                         seconds=sum(s.seconds for s in shards), weights_digest=first.weights_digest,
+                         data_digest=first.data_digest, exclude=list(first.exclude))
     merged.assigned = sorted(g for s in shards for g in (s.assigned or []))
     for s in shards:
         merged.curves.update(s.curves)
@@ -371,3 +724,6 @@ def merge_shards(paths: list, model: Model, out_path=None) -> Sensitivity:
         merged.save(out_path)
     return merged
 
+
+__all__ = ["Sensitivity", "analyze", "merge_shards", "resolve_exclude", "DEFAULT_RATES", "divergence_layer",
+           "masked_overrides", "metric_name"]

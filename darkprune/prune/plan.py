@@ -2,7 +2,10 @@
 
 `--threshold LOSS`: Darknet's (and Vitis AI's) notion. LOSS is the accuracy each group may cost on its own, in the
 model's metric (mAP@0.5 or top-1, absolute: 0.01 = one point); each group gets the largest analysed rate whose
-measured loss is at most LOSS.
+measured loss, and that of every smaller analysed rate, is at most LOSS (a curve that dips below LOSS again after
+exceeding it is noise of the finite image set, not a free lunch). The plan's predicted loss is the sum of the chosen
+groups' losses (taken as additive; interactions between groups make the real loss of the combined model larger or
+smaller, which is why `prune` measures it).
 
 `--rate F`: the share F of the model's BFLOPs to remove. We pick, among the analysed rates, per-group rates whose
 combined saving reaches F with the least predicted loss (losses of different groups are taken as additive): a greedy
@@ -12,6 +15,7 @@ than the sum of each alone, since a conv then loses inputs and filters).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from ..errors import DarkpruneError
@@ -41,6 +45,15 @@ class Plan:
                    int(data.get("divisible", 1)), data.get("details", {}))
 
 
+def prune(model, plan, exclude=()):
+    """The masked model for `plan` (a Plan, a Masks or {group id: channel indices}): same shapes, the pruned
+    channels output exactly zero (see masks.apply_masks). The result carries its Masks as `.masks`."""
+    from .masks import apply_masks
+    if isinstance(plan, Plan):
+        return apply_masks(model, masks_for_plan(model, plan, exclude))
+    return apply_masks(model, plan, exclude)
+
+
 def masks_for_plan(model, plan: Plan, exclude=()) -> Masks:
     """Which channels each group loses at its planned rate: the lowest-ranked by the plan's criterion."""
     pruned = {}
@@ -53,36 +66,63 @@ def masks_for_plan(model, plan: Plan, exclude=()) -> Masks:
     return Masks.for_model(model, pruned, exclude)
 
 
-def plan_by_threshold(sensitivity, threshold: float, divisible: int = 1, exclude=()) -> Plan:
-    if threshold < 0:
-        raise DarkpruneError(f"--threshold {threshold}: the accuracy loss a layer may cost must be >= 0")
-    baseline = sensitivity.baseline
-    if threshold >= baseline:
+def loss_envelope(sensitivity, gid: int) -> list[tuple[float, float]]:
+    """[(rate, loss)] of one group, ascending in rate, where loss is the largest measured loss at this rate or any
+    smaller one, and at least 0. Pruning more of the same lowest-ranked channels cannot truly help, so a measured
+    gain (or a dip in the curve) is noise of the finite image set; the envelope does not take it at face value."""
+    worst, out = 0.0, []
+    for rate, metric in sorted(sensitivity.curves[gid].items()):
+        worst = max(worst, sensitivity.baseline - metric)
+        out.append((rate, worst))
+    return out
+
+
+def check_threshold(threshold, sensitivity) -> float:
+    try:
+        value = float(threshold)
+    except (TypeError, ValueError):
+        raise DarkpruneError(f"--threshold {threshold}: expected a number (an accuracy loss like 0.01)") from None
+    if math.isnan(value) or value < 0:
+        raise DarkpruneError(f"--threshold {threshold}: the accuracy loss a layer may cost must be a number >= 0")
+    if value >= sensitivity.baseline:
         raise DarkpruneError(f"--threshold {threshold} is not below the model's {sensitivity.metric} "
-                             f"({baseline:.4f}): every layer could then lose everything and be emptied; pick a "
-                             f"threshold like 0.01 (one point)")
-    rates, predicted = {}, 0.0
-    for gid, curve in sensitivity.curves.items():
+                             f"({sensitivity.baseline:.4f}): every layer could then lose all its accuracy and be "
+                             f"emptied; pick a threshold like 0.01 (one point)")
+    return value
+
+
+def plan_by_threshold(sensitivity, threshold: float, divisible: int = 1, exclude=()) -> Plan:
+    """Each group gets the largest analysed rate such that it and every smaller analysed rate cost at most
+    `threshold` on their own (see loss_envelope). The predicted loss is the sum of those groups' losses."""
+    threshold = check_threshold(threshold, sensitivity)
+    rates, predicted, losses = {}, 0.0, {}
+    for gid in sorted(sensitivity.curves):
         if gid in exclude:
             continue
         best, best_loss = 0.0, 0.0
-        for rate, metric in sorted(curve.items()):
-            loss = baseline - metric
-            if loss <= threshold + 1e-12 and rate > best:
-                best, best_loss = rate, loss
+        for rate, loss in loss_envelope(sensitivity, gid):
+            if loss > threshold + 1e-12:
+                break
+            best, best_loss = rate, loss
         if best > 0:
             rates[gid] = best
-            predicted += max(best_loss, 0.0)
-    return Plan(rates, "threshold", threshold, predicted, sensitivity.criterion, divisible)
+            losses[str(gid)] = best_loss
+            predicted += best_loss
+    return Plan(rates, "threshold", threshold, predicted, sensitivity.criterion, divisible,
+                {"group_losses": losses})
 
 
 def plan_by_rate(model, sensitivity, fraction: float, divisible: int = 1, exclude=()) -> Plan:
+    try:
+        fraction = float(fraction)
+    except (TypeError, ValueError):
+        raise DarkpruneError(f"--rate {fraction}: expected a number between 0 and 1") from None
     if not 0 < fraction < 1:
-        raise DarkpruneError(f"--rate {fraction}: the share of BFLOPs to remove must be between 0 and 1")
-    baseline = sensitivity.baseline
+        raise DarkpruneError(f"--rate {fraction}: the share of BFLOPs to remove must lie strictly between 0 and 1")
     total = model.graph.total_bflops
     if total <= 0:
-        raise DarkpruneError(f"{model.cfg_path}: the model has no BFLOPs to remove (Darknet counts none for its layers)")
+        raise DarkpruneError(f"{model.cfg_path}: the model has no BFLOPs to remove (Darknet counts none for its "
+                             f"layers)")
     target = fraction * total
 
     # per-group candidate steps: (rate, saving alone, loss), on the lower convex hull of loss against saving
@@ -91,12 +131,12 @@ def plan_by_rate(model, sensitivity, fraction: float, divisible: int = 1, exclud
         return total - live_stats(model, masks)["total_bflops"]
 
     hulls: dict[int, list[tuple[float, float, float]]] = {}
-    for gid, curve in sensitivity.curves.items():
+    for gid in sorted(sensitivity.curves):
         if gid in exclude:
             continue
         points = [(0.0, 0.0, 0.0)]
-        for rate, metric in sorted(curve.items()):
-            points.append((rate, saving_of({gid: rate}), max(baseline - metric, 0.0)))
+        for rate, loss in loss_envelope(sensitivity, gid):
+            points.append((rate, saving_of({gid: rate}), loss))
         hulls[gid] = _lower_hull(points)
     position = {gid: 0 for gid in hulls}
     current = {gid: 0.0 for gid in hulls}
@@ -135,7 +175,7 @@ def _lower_hull(points: list[tuple[float, float, float]]) -> list[tuple[float, f
             continue
         while len(hull) >= 2:
             (_, x1, y1), (_, x2, y2) = hull[-2], hull[-1]
-            if (y2 - y1) * (p[1] - x1) >= (p[2] - y1) * (x2 - x1):   # hull[-1] is above the chord: drop it
+            if (y2 - y1) * (p[1] - x1) > (p[2] - y1) * (x2 - x1):    # hull[-1] is above the chord: drop it
                 hull.pop()
             else:
                 break
