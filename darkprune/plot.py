@@ -13,7 +13,7 @@ from .darknet.cfg import atomic_write_bytes
 def _palette(n: int) -> list[tuple[int, int, int]]:
     out = []
     for i in range(max(n, 1)):
-        r, g, b = colorsys.hsv_to_rgb((i * 0.618034) % 1.0, 0.75, 0.85)
+        r, g, b = colorsys.hsv_to_rgb((0.58 + i * 0.618034) % 1.0, 0.75, 0.85)   # blue first: red marks highlights
         out.append((int(b * 255), int(g * 255), int(r * 255)))
     return out
 
