@@ -5,6 +5,9 @@
     data = dp.load_data("coco.data", split="valid")
     print(dp.evaluate(model, data))
     boxes = dp.detect(model, ["dog.jpg"])
+    sens = dp.analyze(model, data, rates=[0.25, 0.5, 0.75])   # per-group loss curves
+    masked = dp.prune(model, sens.plan(threshold=0.01))       # or sens.plan(rate=0.5)
+    dp.transform(masked).save("small.cfg", "small.weights")
 """
 __version__ = "0.1.0"
 
@@ -15,14 +18,16 @@ import types as _types  # noqa: E402
 from .darknet import Model, load          # noqa: E402
 from .errors import DarkpruneError        # noqa: E402
 
-__all__ = ["__version__", "Model", "load", "DarkpruneError", "load_data", "evaluate", "detect"]
+__all__ = ["__version__", "Model", "load", "DarkpruneError", "load_data", "evaluate", "detect", "finetune",
+           "analyze", "prune", "transform"]
 
 # Loaded on first use: they pull in the numba engine, OpenCV and tqdm (~2 s), which `import darkprune` (and so
 # `darkprune info`/`--help`) need not pay. `detect` and `evaluate` are also the names of submodules; when Python
 # first imports such a submodule it binds it as a package attribute, which would hide the function. Properties on
 # the package's class keep the functions in place (the setter drops that binding; other values override).
 _LAZY = {"load_data": ("darkprune.data", "load_data"), "evaluate": ("darkprune.evaluate", "evaluate"),
-         "detect": ("darkprune.detect", "detect")}
+         "detect": ("darkprune.detect", "detect"), "finetune": ("darkprune.train.finetune", "finetune"),
+         "analyze": ("darkprune.prune.analysis", "analyze"), "transform": ("darkprune.prune.transform", "transform")}
 
 
 def _lazy_property(name: str, module: str, attr: str) -> property:
@@ -47,6 +52,22 @@ class _Package(_types.ModuleType):
     pass
 
 
+class _CallablePackage(_types.ModuleType):
+    """`darkprune.prune` is both the pruning subpackage (`import darkprune.prune.masks as m` must keep working) and
+    the API's `dp.prune(model, plan)`: calling the package calls `darkprune.prune.plan.prune`."""
+
+    def __call__(self, model, plan, exclude=()):
+        return _importlib.import_module("darkprune.prune.plan").prune(model, plan, exclude)
+
+
+def _prune_package(package):
+    module = _importlib.import_module("darkprune.prune")
+    if not isinstance(module, _CallablePackage):
+        module.__class__ = _CallablePackage
+    return module
+
+
 for _name, (_module, _attr) in _LAZY.items():
     setattr(_Package, _name, _lazy_property(_name, _module, _attr))
+_Package.prune = property(_prune_package, lambda package, value: None)
 _sys.modules[__name__].__class__ = _Package
