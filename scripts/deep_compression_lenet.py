@@ -7,7 +7,7 @@ Starts from the bundled weights/lenet.weights (scripts/train_lenet.py) and runs 
 darkprune.compress.pipeline.compress: prune layer by layer (finetuning after each layer, pruned weights held at zero),
 k-means weight sharing of every layer (linear initialisation), centroid finetuning, Huffman-coded `.dcz`.
     A: the Caffe implementation's schedule: sparse ratios conv1 0.33, conv2 0.8, ip1 0.9, ip2 0.8 with 256, 256, 32,
-       32 clusters (8-bit conv, 5-bit fc weights), one layer per step, 2000 iterations of finetuning after each.
+       32 clusters (8-bit conv, 5-bit fc weights), one layer per step, 4000 iterations of finetuning after each.
     B: the paper's Table 2 per-layer rates: 66%, 12%, 8%, 19% of the weights kept, 8-bit conv and 5-bit fc weights,
        pruned iteratively (three rounds over all layers, then ip1's last step, retraining after each).
     C: as B with 4-bit fc weights (16 clusters), what it takes to reach 39x on the whole file.
@@ -43,15 +43,15 @@ CAFFE_NAMES = {"conv0": "conv1", "conv2": "conv2", "connected4": "ip1", "connect
 
 # Iterative pruning (Han et al. 2015) to the paper's rates: all layers in three rounds, then ip1's last step,
 # retraining after each.
-PAPER_SCHEDULE = [({"conv0": 0.34, "conv2": 0.6, "connected4": 0.6, "connected5": 0.5}, 1500),
-                  ({"conv2": 0.8, "connected4": 0.8, "connected5": 0.7}, 1500),
-                  ({"conv2": 0.88, "connected4": 0.9, "connected5": 0.81}, 1500),
-                  ({"connected4": 0.92}, 3000)]
+PAPER_SCHEDULE = [({"conv0": 0.34, "conv2": 0.6, "connected4": 0.6, "connected5": 0.5}, 3000),
+                  ({"conv2": 0.8, "connected4": 0.8, "connected5": 0.7}, 3000),
+                  ({"conv2": 0.88, "connected4": 0.9, "connected5": 0.81}, 3000),
+                  ({"connected4": 0.92}, 6000)]
 PAPER_SPARSITY = {"conv0": 0.34, "conv2": 0.88, "connected4": 0.92, "connected5": 0.81}
 ROWS = {
     "A": {"title": "Caffe implementation's schedule",
           "sparsity": {"conv0": 0.33, "conv2": 0.8, "connected4": 0.9, "connected5": 0.8},
-          "schedule": "layerwise", "step_iters": 2000, "clusters": {"conv": 256, "fc": 32}},
+          "schedule": "layerwise", "step_iters": 4000, "clusters": {"conv": 256, "fc": 32}},
     "B": {"title": "paper's rates and bits", "sparsity": PAPER_SPARSITY, "schedule": PAPER_SCHEDULE,
           "clusters": {"conv": 256, "fc": 32}},
     "C": {"title": "paper's rates, 4-bit fc", "sparsity": PAPER_SPARSITY, "schedule": PAPER_SCHEDULE,
@@ -146,8 +146,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out-dir", type=Path, default=Path("deep_compression_lenet"))
     parser.add_argument("--rows", default="A,B,C")
     parser.add_argument("--iters-scale", type=float, default=1.0,
-                        help="scales every pruning step's finetuning iterations (A: 2000 per layer; B: 1500, 1500, "
-                             "1500, 3000)")
+                        help="scales every pruning step's finetuning iterations (A: 4000 per layer; B and C: 3000, "
+                             "3000, 3000, 6000)")
     parser.add_argument("--centroid-iters", type=int, default=300)
     parser.add_argument("--lr", type=float, default=0.01, help="finetuning learning rate")
     parser.add_argument("--centroid-lr", type=float, default=0.0001)

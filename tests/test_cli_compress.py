@@ -233,3 +233,12 @@ def test_decompress_never_writes_over_its_input(compressed, tmp_path, capsys):
     assert code == 1 and "refusing to overwrite" in err
     assert source.read_bytes() == compressed.read_bytes()
     assert not (tmp_path / "model.cfg").exists()
+
+
+def test_workspace_config_alone_reruns(pair, tmp_path, capsys):
+    ws = tmp_path / "ws"
+    code, _, err = run_cli(capsys, "compress", *pair, "--sparsity", "fc=0.6", "--index-bits", "fc=auto", "-w", ws)
+    assert code == 0, err
+    code, _, err = run_cli(capsys, "compress", "--config", ws / "config.txt", "-o", tmp_path / "again.dcz")
+    assert code == 0, err
+    assert (tmp_path / "again.dcz").read_bytes() == (ws / "model.dcz").read_bytes()

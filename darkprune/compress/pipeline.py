@@ -393,6 +393,8 @@ def compress(model: Model, sparsity: dict | None = None, clusters: dict | None =
         "finetune_lr": finetune_lr, "centroid_lr": centroid_lr, "centroid_gradient": centroid_gradient,
         "batch": batch, "eval_limit": eval_limit, "remove_dead": bool(remove_dead),
         "strip_cfg_comments": bool(strip_cfg_comments),
+        "files": {"cfg": model.cfg_path, "weights": model.weights_path,
+                  "data": str(data) if isinstance(data, (str, os.PathLike)) else None},
     }
     if ws is not None:
         _write_text(ws / "config.txt", _config_text(config))
@@ -622,7 +624,10 @@ def format_report(report: dict) -> str:
 
 def _config_text(config: dict) -> str:
     """The run's settings as a compress config (read back by magnitude.read_compress_config)."""
-    lines = ["# darkprune compress: the settings of this run"]
+    lines = ["# darkprune compress: the settings of this run (`darkprune compress --config` reruns it)"]
+    for key, path in config.get("files", {}).items():
+        if path:
+            lines.append(f"{key}={Path(path).resolve()}")
     for key in ("sparsity", "clusters", "index_bits"):
         lines.append(f"{key}=" + ",".join(f"{name}={value if isinstance(value, str) else format(value, 'g')}"
                                           for name, value in config[key].items()))
