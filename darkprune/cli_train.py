@@ -19,18 +19,6 @@ KEYS = ["iters", "lr", "batch", "subdivisions", "checkpoint_every", "eval_every"
 FINETUNE_DEFAULTS = {"checkpoint_every": 100, "engine": "numba", "seed": 0, "resume": False, "transformed": False}
 
 
-def _int(value, flag: str, low: int = 1) -> int | None:
-    if value in (None, ""):
-        return None
-    try:
-        number = int(str(value).strip())
-    except (TypeError, ValueError):
-        raise DarkpruneError(f"{flag} {value}: expected a whole number") from None
-    if number < low:
-        raise DarkpruneError(f"{flag} {value}: must be at least {low}")
-    return number
-
-
 def _float(value, flag: str) -> float | None:
     if value in (None, ""):
         return None
@@ -79,12 +67,12 @@ def cmd_finetune(args) -> int:
         model = apply_masks(model, masks)
         log(args, f"holding the masks of {ws.file('masks.json')}: {masks.total_pruned} channels in "
                   f"{len(masks.pruned)} groups stay zero")
-    iters = _int(s["iters"], "--iters")
+    iters = _prune._int(s["iters"], "--iters")
     lr = _float(s["lr"], "--lr")
-    batch = _int(s["batch"], "--batch")
-    subdivisions = _int(s["subdivisions"], "--subdivisions")
-    limit = _int(s["limit"], "--limit")
-    threads = _int(s["threads"], "--threads")
+    batch = _prune._int(s["batch"], "--batch")
+    subdivisions = _prune._int(s["subdivisions"], "--subdivisions")
+    limit = _prune._int(s["limit"], "--limit")
+    threads = _prune._int(s["threads"], "--threads")
     if threads:
         from .engine.blas import set_threads
         set_threads(threads)
@@ -100,9 +88,9 @@ def cmd_finetune(args) -> int:
     from .train.finetune import finetune
     started = time.perf_counter()
     result = finetune(model, s["data"], iters=iters, batch=batch, subdivisions=subdivisions, learning_rate=lr,
-                      workspace=ws.path, checkpoint_every=_int(s["checkpoint_every"], "--checkpoint-every"),
-                      eval_every=_int(s["eval_every"], "--eval-every"), eval_data=s["data"], eval_limit=limit,
-                      resume=_flag(s["resume"]), seed=_int(s["seed"], "--seed", low=0) or 0, progress=show,
+                      workspace=ws.path, checkpoint_every=_prune._int(s["checkpoint_every"], "--checkpoint-every"),
+                      eval_every=_prune._int(s["eval_every"], "--eval-every"), eval_data=s["data"], eval_limit=limit,
+                      resume=_flag(s["resume"]), seed=_prune._int(s["seed"], "--seed", low=0) or 0, progress=show,
                       bn_momentum=_float(s["bn_momentum"], "--bn-momentum"))
     payload = result.to_json()
     payload.update({"engine": "numba", "masks_held": masks is not None,
@@ -124,7 +112,7 @@ def _pruned_zero(model, masks) -> bool:
 def _darknet(args, s, model, masks, ws, iters, lr, batch, subdivisions) -> int:
     from .evaluate import evaluate
     from .train.darknet_handoff import darknet_finetune
-    limit = _int(s["limit"], "--limit")
+    limit = _prune._int(s["limit"], "--limit")
     show = not args.quiet and not args.json
     before = evaluate(model, s["data"], limit=limit, progress=show)
     result = darknet_finetune(model, s["data"], ws.path, iters=iters, darknet=s.get("darknet"), learning_rate=lr,

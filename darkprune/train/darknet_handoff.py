@@ -194,7 +194,7 @@ def darknet_finetune(model: Model, data, workspace, iters: int | None = None, da
     from ..darknet import load
     from ..prune.masks import Masks, apply_masks
     from ..prune.workspace import Workspace
-    from .finetune import parameter_masks
+    from .finetune import _hold, parameter_masks
 
     log = log or (lambda line: print(line, file=sys.stderr, flush=True))
     binary = find_darknet(darknet)
@@ -276,15 +276,11 @@ def darknet_finetune(model: Model, data, workspace, iters: int | None = None, da
         if masks is not None:
             keep, stats = parameter_masks(model, masks)
             count, largest = 0, 0.0
-            for (index, name), mask in keep.items():
-                arr = out.params[index][name]
-                dead = arr[~mask]
+            for (index, name), mask in keep.items():      # what Darknet revived, before it is cleared again
+                dead = out.params[index][name][~mask]
                 count += int(np.count_nonzero(dead))
                 largest = max(largest, float(np.abs(dead).max()) if dead.size else 0.0)
-                arr[~mask] = 0
-            for index, channels in stats.items():
-                out.params[index]["rolling_mean"][channels] = 0
-                out.params[index]["rolling_variance"][channels] = 1
+            _hold(out, keep, stats)
             revived = {"weights": count, "max_abs": largest}
             if channel_masks is not None:
                 out.masks = channel_masks
