@@ -194,6 +194,63 @@ def test_nms_corner_cases():
         nms(single, 0.45, "soft")
 
 
+def reference_nms(boxes, probs, objectness, thresh, kind, beta):
+    """do_nms_sort / diounms_sort written out pair by pair as box.c does it, in float32 scalars."""
+    f = np.float32
+    probs = probs.copy()
+
+    def overlap(a, b):
+        left = max(f(a[0] - a[2] / f(2)), f(b[0] - b[2] / f(2)))
+        right = min(f(a[0] + a[2] / f(2)), f(b[0] + b[2] / f(2)))
+        top = max(f(a[1] - a[3] / f(2)), f(b[1] - b[3] / f(2)))
+        bottom = min(f(a[1] + a[3] / f(2)), f(b[1] + b[3] / f(2)))
+        w, h = f(right - left), f(bottom - top)
+        inter = f(0) if w < 0 or h < 0 else f(w * h)
+        union = f(f(f(a[2] * a[3]) + f(b[2] * b[3])) - inter)
+        iou = f(0) if inter == 0 or union == 0 else f(inter / union)
+        if kind in ("default", "cornersnms"):
+            return iou
+        cw = f(max(f(a[0] + a[2] / f(2)), f(b[0] + b[2] / f(2))) - min(f(a[0] - a[2] / f(2)), f(b[0] - b[2] / f(2))))
+        ch = f(max(f(a[1] + a[3] / f(2)), f(b[1] + b[3] / f(2))) - min(f(a[1] - a[3] / f(2)), f(b[1] - b[3] / f(2))))
+        c = f(f(cw * cw) + f(ch * ch))
+        if c == 0:
+            return iou
+        d = f(f(f(a[0] - b[0]) * f(a[0] - b[0])) + f(f(a[1] - b[1]) * f(a[1] - b[1])))
+        return f(iou - f(math.pow(float(f(d / c)), 0.6 if kind == "greedynms" else beta)))
+
+    live = [i for i in range(len(boxes)) if objectness[i] != 0]
+    for k in range(probs.shape[1]):
+        order = sorted((i for i in live if probs[i, k] != 0), key=lambda i: -probs[i, k])  # stable
+        for x, i in enumerate(order):
+            if probs[i, k] == 0:
+                continue
+            for j in order[x + 1:]:
+                if probs[j, k] != 0 and overlap(boxes[i], boxes[j]) > f(thresh):
+                    probs[j, k] = 0
+    return probs
+
+
+@pytest.mark.parametrize("kind", ["default", "greedynms", "diounms", "cornersnms"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_nms_equals_box_c_pair_by_pair_on_crowded_random_detections(kind, seed):
+    rng = np.random.default_rng(seed)
+    n, classes = 150, 4
+    centres = rng.random((6, 2)) * 0.8 + 0.1        # crowded: most boxes overlap some others
+    boxes = np.empty((n, 4), np.float32)
+    boxes[:, :2] = centres[rng.integers(0, 6, n)] + rng.normal(0, 0.03, (n, 2))
+    boxes[:, 2:] = rng.uniform(0.02, 0.3, (n, 2))
+    boxes[::17, 2] = 0                               # some zero-size boxes
+    probs = (rng.random((n, classes)) * (rng.random((n, classes)) < 0.6)).astype(np.float32)
+    probs[5:9] = probs[4]                            # ties: the earlier detection wins
+    boxes[5:9] = boxes[4]
+    objectness = np.where(rng.random(n) < 0.1, 0, rng.random(n)).astype(np.float32)
+    dets = Detections(boxes, objectness, probs)
+    got = nms(dets, 0.45, kind, beta_nms=0.3).probs
+    expected = reference_nms(boxes, probs, objectness, 0.45, kind, float(np.float32(0.3)))  # C float beta_nms
+    assert (expected == 0).sum() > (probs == 0).sum() + 30   # the test data really exercises suppression
+    np.testing.assert_array_equal(got, expected)
+
+
 def test_decode_image_uses_the_last_heads_nms_kind_and_decode_batch():
     out = yolo_tensor().reshape(2, 7, 4, 4)
     out[0, :4, 2, 1] = out[1, :4, 2, 1]  # same box from the other anchor, a bit weaker

@@ -307,7 +307,7 @@ def _direct_1ch_forward(x, w, bias, sy, sx, pad, dil, oh, ow, code, y, ws):
       - stride 2: the padded plane is split by row and column parity, so every tap reads a contiguous run;
       - stride 1 on narrow planes: the output is computed over the padded width as one flat run (long vector loops;
         the few columns past the output are dropped when copying out); on wide planes row by row.
-    Other sizes accumulate tap by tap over each row."""
+    Other sizes accumulate tap by tap: at stride 1 on narrow planes over the same flat run, else row by row."""
     nb, nc, h, wd = x.shape
     nf = w.shape[0]
     kh = w.shape[2]
@@ -320,6 +320,7 @@ def _direct_1ch_forward(x, w, bias, sy, sx, pad, dil, oh, ow, code, y, ws):
     three = kh == 3 and kw == 3
     stride2 = three and sx == 2 and sy == 2 and dil == 1
     flat1 = three and sx == 1 and sy == 1 and ow < 32
+    flatk = (not three) and sx == 1 and sy == 1 and ow < 32
     yflat = y.reshape(-1)
     for job in prange(nb * nc):
         scratch = ws[numba.get_thread_id()]
@@ -416,6 +417,24 @@ def _direct_1ch_forward(x, w, bias, sy, sx, pad, dil, oh, ow, code, y, ws):
                             i = sx * ox
                             dst[ox] = (w00 * a0[i] + w01 * a1[i] + w02 * a2[i] + w10 * b0[i] + w11 * b1[i]
                                        + w12 * b2[i] + w20 * c0[i] + w21 * c1[i] + w22 * c2[i])
+            elif flatk:
+                # as the row-by-row loop below (same taps in the same order), over the padded width as one run
+                n = (oh - 1) * wp + ow
+                for ky in range(kh):
+                    for kx in range(kw):
+                        wv = w[f, 0, ky, kx]
+                        src = buf[ky * dil * wp + kx * dil:]
+                        if ky == 0 and kx == 0:
+                            for i in range(n):
+                                acc[i] = wv * src[i]
+                        else:
+                            for i in range(n):
+                                acc[i] += wv * src[i]
+                for oy in range(oh):
+                    dst = yflat[plane + oy * ow:plane + (oy + 1) * ow]
+                    src = acc[oy * wp:]
+                    for ox in range(ow):
+                        dst[ox] = src[ox]
             else:
                 for oy in range(oh):
                     dst = yflat[plane + oy * ow:plane + (oy + 1) * ow]

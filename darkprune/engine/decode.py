@@ -257,6 +257,50 @@ def correct_yolo_boxes(boxes: np.ndarray, image_w: int, image_h: int, net_w: int
     return boxes
 
 
+@njit(cache=True)
+def _yolo_candidates(view, anchor_w, anchor_h, lw, lh, net_w, net_h, thresh, new_coords):
+    """get_yolo_detections' loop over one head (anchors, 5 + classes, cells): the (cell, anchor) pairs with
+    objectness > thresh, cells outer, anchors inner (Darknet's order), with their boxes (in the network's frame) and
+    class probabilities objectness * class, zeroed where not above thresh. NaN objectness never passes."""
+    num, entries, cells = view.shape
+    classes = entries - 5
+    count = 0
+    for cell in range(cells):
+        for a in range(num):
+            if view[a, 4, cell] > thresh:
+                count += 1
+    boxes = np.empty((count, 4), np.float32)
+    objectness = np.empty(count, np.float32)
+    probs = np.empty((count, classes), np.float32)
+    width = np.float32(lw)
+    height = np.float32(lh)
+    four = np.float32(4.0)
+    k = 0
+    for cell in range(cells):
+        col = np.float32(cell % lw)
+        row = np.float32(cell // lw)
+        for a in range(num):
+            o = view[a, 4, cell]
+            if not o > thresh:
+                continue
+            boxes[k, 0] = (col + view[a, 0, cell]) / width
+            boxes[k, 1] = (row + view[a, 1, cell]) / height
+            tw = view[a, 2, cell]
+            th = view[a, 3, cell]
+            if new_coords:
+                boxes[k, 2] = tw * tw * four * anchor_w[a] / np.float32(net_w)
+                boxes[k, 3] = th * th * four * anchor_h[a] / np.float32(net_h)
+            else:  # exp() in double, as C's exp(float) does
+                boxes[k, 2] = np.float32(math.exp(np.float64(tw)) * np.float64(anchor_w[a]) / np.float64(net_w))
+                boxes[k, 3] = np.float32(math.exp(np.float64(th)) * np.float64(anchor_h[a]) / np.float64(net_h))
+            objectness[k] = o
+            for c in range(classes):
+                prob = o * view[a, 5 + c, cell]
+                probs[k, c] = prob if prob > thresh else np.float32(0.0)
+            k += 1
+    return boxes, objectness, probs
+
+
 def yolo_detections(output: np.ndarray, params: HeadParams | Mapping[str, Any], net_w: int, net_h: int,
                     thresh: float = 0.25, image_w: int = 1, image_h: int = 1, letterbox: bool = False,
                     relative: bool = True) -> Detections:
@@ -271,30 +315,13 @@ def yolo_detections(output: np.ndarray, params: HeadParams | Mapping[str, Any], 
                              f"(5 + {p.classes} classes) = {len(masks) * entries}")
     if len(p.anchors) < 2 * (max(masks) + 1):
         raise DarkpruneError(f"[yolo]: mask uses anchor {max(masks)} but only {len(p.anchors) // 2} anchors given")
-    view = out.reshape(len(masks), entries, lh * lw)
-    objectness = view[:, 4, :].T  # (cells, anchors): Darknet loops over cells, then anchors
-    cell, anchor = np.nonzero(objectness > _F32(thresh))  # NaN objectness never passes, as in Darknet
-    if len(cell) == 0:
-        return Detections.empty(p.classes)
-    col = (cell % lw).astype(np.float32)
-    row = (cell // lw).astype(np.float32)
-    tx, ty, tw, th = (view[anchor, e, cell] for e in range(4))
+    view = np.ascontiguousarray(out.reshape(len(masks), entries, lh * lw))
     biases = np.asarray(p.anchors, np.float32)
-    anchor_index = np.asarray(masks, np.int64)[anchor]
-    anchor_w = biases[2 * anchor_index]
-    anchor_h = biases[2 * anchor_index + 1]
-    boxes = np.empty((len(cell), 4), np.float32)
-    boxes[:, 0] = (col + tx) / _F32(lw)
-    boxes[:, 1] = (row + ty) / _F32(lh)
-    if p.new_coords:
-        boxes[:, 2] = tw * tw * _F32(4) * anchor_w / _F32(net_w)
-        boxes[:, 3] = th * th * _F32(4) * anchor_h / _F32(net_h)
-    else:  # exp() in double, as C's exp(float) does
-        boxes[:, 2] = (np.exp(tw.astype(np.float64)) * anchor_w / net_w).astype(np.float32)
-        boxes[:, 3] = (np.exp(th.astype(np.float64)) * anchor_h / net_h).astype(np.float32)
-    obj = objectness[cell, anchor]
-    probs = obj[:, None] * view[anchor, 5:, cell]
-    probs = np.where(probs > _F32(thresh), probs, _F32(0)).astype(np.float32)
+    anchor_index = np.asarray(masks, np.int64)
+    boxes, obj, probs = _yolo_candidates(view, biases[2 * anchor_index], biases[2 * anchor_index + 1], lw, lh,
+                                         net_w, net_h, _F32(thresh), bool(p.new_coords))
+    if len(obj) == 0:
+        return Detections.empty(p.classes)
     boxes = correct_yolo_boxes(boxes, image_w, image_h, net_w, net_h, letterbox, relative)
     return Detections(boxes, obj, probs)
 
@@ -381,42 +408,85 @@ def _box_diou(ax, ay, aw, ah, bx, by, bw, bh, exponent):
 
 @njit(cache=True)
 def _nms_kernel(boxes, probs, objectness, thresh, kind, beta):
-    """Per class: sort by probability, zero the probability of every later box that overlaps a kept one."""
+    """Per class: sort by probability, zero the probability of every later box that overlaps a kept one.
+
+    The arithmetic is box.c's, pair for pair, in float32; what differs from a literal port is where it happens.
+    Box edges and areas are the same float32 expressions box_iou evaluates, computed once per box instead of once
+    per pair, and each class's candidates are copied in probability order into contiguous arrays (probs is
+    (boxes, classes): reading it per pair strides across rows). The DIoU kinds compute their distance term only for
+    pairs whose IoU passes the threshold: DIoU = IoU - a non-negative term, so a pair failing on IoU fails on DIoU.
+    """
     limit = np.float32(thresh)
+    two = np.float32(2.0)
     n, classes = probs.shape
+    left = np.empty(n, np.float32)
+    right = np.empty(n, np.float32)
+    top = np.empty(n, np.float32)
+    bottom = np.empty(n, np.float32)
+    area = np.empty(n, np.float32)
     valid = np.zeros(n, np.bool_)
     for i in range(n):
+        x, y, w, h = boxes[i, 0], boxes[i, 1], boxes[i, 2], boxes[i, 3]
+        left[i] = x - w / two
+        right[i] = x + w / two
+        top[i] = y - h / two
+        bottom[i] = y + h / two
+        area[i] = w * h
         valid[i] = objectness[i] != 0  # Darknet moves objectness==0 detections out of NMS
+    by_class = probs.T.copy()
     candidates = np.empty(n, np.int64)
     values = np.empty(n, np.float32)
+    sl = np.empty(n, np.float32)
+    sr = np.empty(n, np.float32)
+    st = np.empty(n, np.float32)
+    sb = np.empty(n, np.float32)
+    sa = np.empty(n, np.float32)
+    alive = np.empty(n, np.bool_)
     for k in range(classes):
+        column = by_class[k]
         m = 0
         for i in range(n):
-            if valid[i] and probs[i, k] != 0:
+            if valid[i] and column[i] != 0:
                 candidates[m] = i
-                values[m] = -probs[i, k]
+                values[m] = -column[i]
                 m += 1
         if m < 2:
             continue
         order = np.argsort(values[:m], kind="mergesort")  # stable: ties keep Darknet's detection order
         for a in range(m):
             i = candidates[order[a]]
-            if probs[i, k] == 0:
+            sl[a], sr[a], st[a], sb[a], sa[a] = left[i], right[i], top[i], bottom[i], area[i]
+            alive[a] = True
+        for a in range(m):
+            if not alive[a]:
                 continue
-            ax, ay, aw, ah = boxes[i, 0], boxes[i, 1], boxes[i, 2], boxes[i, 3]
+            al, ar, at, ab, aa = sl[a], sr[a], st[a], sb[a], sa[a]
             for b in range(a + 1, m):
-                j = candidates[order[b]]
-                if probs[j, k] == 0:
+                if not alive[b]:
                     continue
-                bx, by, bw, bh = boxes[j, 0], boxes[j, 1], boxes[j, 2], boxes[j, 3]
-                if kind == 1:
-                    overlap = _box_diou(ax, ay, aw, ah, bx, by, bw, bh, 0.6)
-                elif kind == 2:
-                    overlap = _box_diou(ax, ay, aw, ah, bx, by, bw, bh, beta)
-                else:
-                    overlap = _box_iou(ax, ay, aw, ah, bx, by, bw, bh)
+                w = min(ar, sr[b]) - max(al, sl[b])
+                if w < 0:
+                    continue
+                h = min(ab, sb[b]) - max(at, st[b])
+                if h < 0:
+                    continue
+                inter = w * h
+                union = aa + sa[b] - inter
+                if inter == 0 or union == 0:
+                    continue
+                overlap = inter / union
+                if not overlap > limit:
+                    continue
+                if kind == 1 or kind == 2:
+                    i, j = candidates[order[a]], candidates[order[b]]
+                    overlap = _box_diou(boxes[i, 0], boxes[i, 1], boxes[i, 2], boxes[i, 3],
+                                        boxes[j, 0], boxes[j, 1], boxes[j, 2], boxes[j, 3],
+                                        0.6 if kind == 1 else beta)
                 if overlap > limit:
-                    probs[j, k] = 0
+                    alive[b] = False
+        for a in range(m):
+            if not alive[a]:
+                probs[candidates[order[a]], k] = 0
 
 
 def nms(dets: Detections, thresh: float = 0.45, nms_kind: str = "default", beta_nms: float = 0.6) -> Detections:
