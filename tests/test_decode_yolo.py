@@ -232,9 +232,10 @@ def reference_nms(boxes, probs, objectness, thresh, kind, beta):
 
 @pytest.mark.parametrize("kind", ["default", "greedynms", "diounms", "cornersnms"])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_nms_equals_box_c_pair_by_pair_on_crowded_random_detections(kind, seed):
+@pytest.mark.parametrize("n", [40, 150])      # a few dozen candidates per class, and over 64 (the kernel's 2 sorts)
+def test_nms_equals_box_c_pair_by_pair_on_crowded_random_detections(kind, seed, n):
     rng = np.random.default_rng(seed)
-    n, classes = 150, 4
+    classes = 4
     centres = rng.random((6, 2)) * 0.8 + 0.1        # crowded: most boxes overlap some others
     boxes = np.empty((n, 4), np.float32)
     boxes[:, :2] = centres[rng.integers(0, 6, n)] + rng.normal(0, 0.03, (n, 2))
@@ -247,7 +248,7 @@ def test_nms_equals_box_c_pair_by_pair_on_crowded_random_detections(kind, seed):
     dets = Detections(boxes, objectness, probs)
     got = nms(dets, 0.45, kind, beta_nms=0.3).probs
     expected = reference_nms(boxes, probs, objectness, 0.45, kind, float(np.float32(0.3)))  # C float beta_nms
-    assert (expected == 0).sum() > (probs == 0).sum() + 30   # the test data really exercises suppression
+    assert (expected == 0).sum() > (probs == 0).sum() + n // 5   # the data really exercises suppression
     np.testing.assert_array_equal(got, expected)
 
 

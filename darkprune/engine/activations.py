@@ -137,7 +137,7 @@ def _darknet_tanh(v):
     return 2.0 / (1.0 + math.exp(-2.0 * v)) - 1.0
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def act_scalar(v, code):
     """Darknet's elementwise activation `code` at v (float64 arithmetic)."""
     if code == LINEAR:
@@ -201,7 +201,7 @@ def act_scalar(v, code):
     return v
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def grad_scalar(x, y, code):
     """d act(x) / dx for elementwise `code`, given the input x and the output y = act(x)."""
     if code == LINEAR:
@@ -290,7 +290,7 @@ def _typed_overload(arr, value):
 # activations run at memory speed; conv/connected use these as their fused epilogue.
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def bias_act_row(y, start, stop, bias, code):
     seg = y[start:stop]
     n = seg.size
@@ -341,7 +341,7 @@ def bias_act_row(y, start, stop, bias, code):
             seg[i] = act_scalar(seg[i] + bias, code)
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=True, nogil=True)
 def _activate_flat(flat, code):
     n = flat.size
     nchunks = (n + _CHUNK - 1) // _CHUNK
@@ -350,7 +350,7 @@ def _activate_flat(flat, code):
         bias_act_row(flat, start, min(start + _CHUNK, n), 0.0, code)
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=True, nogil=True)
 def _grad_flat(x, y, g, out, code):
     n = x.size
     nchunks = (n + _CHUNK - 1) // _CHUNK
@@ -386,7 +386,7 @@ def _grad_flat(x, y, g, out, code):
 # normalize_channels family: per (image, position), across the C channels of axis 1.
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=True, nogil=True)
 def _norm_chan_forward(x, code):
     """x viewed as (N, C, S); in place."""
     nb, nc, ns = x.shape
@@ -419,7 +419,7 @@ def _norm_chan_forward(x, code):
                     x[b, c, s] = math.exp(x[b, c, s] - m) / total
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=True, nogil=True)
 def _norm_chan_backward(x, y, g, out, code):
     """Exact backward of _norm_chan_forward; all arrays viewed as (N, C, S)."""
     nb, nc, ns = x.shape

@@ -61,7 +61,7 @@ def _vec(v, c: int, what: str) -> np.ndarray:
     return arr
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=True, nogil=True)
 def _batch_stats(x, mean, var):
     nb, nc, ns = x.shape
     m = nb * ns
@@ -81,7 +81,7 @@ def _batch_stats(x, mean, var):
         var[c] = sq / denom
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=True, nogil=True)
 def _normalize_scale_shift(x, mean, var, eps, scales, biases, x_norm, y):
     """x_norm = (x - mean)/sqrt(var + eps); y = scales*x_norm + biases (x_norm may be a dummy (0,0,0) array)."""
     nb, nc, ns = x.shape
@@ -100,7 +100,7 @@ def _normalize_scale_shift(x, mean, var, eps, scales, biases, x_norm, y):
             y[b, c, s] = g * xn + sh
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=True, nogil=True)
 def _bn_backward(gy, x_norm, var, eps, scales, gx, gscale, gbias):
     nb, nc, ns = gy.shape
     m = nb * ns

@@ -247,7 +247,7 @@ def gemm(ta, tb, m, n, k, alpha, a, a_off, lda, b, b_off, ldb, beta, c, c_off, l
                    b.ctypes.data + b_off * 8, ldb, np.float64(beta), c.ctypes.data + c_off * 8, ldc)
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=True, nogil=True)
 def _par_gemm(ta, tb, alpha, a, b, beta, c, nsplit):
     """c (m x n) = alpha*op(a)@op(b) + beta*c, split into nsplit blocks of columns (or of rows when n is small)."""
     m, n = c.shape

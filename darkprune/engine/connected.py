@@ -38,7 +38,7 @@ class ConnectedCache:
     bn: BatchNormCache | None = None
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=True, nogil=True)
 def _add_bias_rows_kernel(y, bias):
     nb, n = y.shape
     for b in prange(nb):

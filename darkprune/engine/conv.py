@@ -83,7 +83,7 @@ def _valid_range(out_len, stride, offset, in_len):
     return lo, hi
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=True, nogil=True)
 def _im2col(x, b, c0, cg, kh, kw, sy, sx, pad, dil, oh, ow, col, col_off, col_ld):
     """col[row, col_off + oy*ow + ox] = x[b, c0 + c, oy*sy - pad + ky*dil, ox*sx - pad + kx*dil] (0 outside),
     row = (c*kh + ky)*kw + kx. col_ld is col's row length (images may be packed side by side)."""
@@ -115,7 +115,7 @@ def _im2col(x, b, c0, cg, kh, kw, sy, sx, pad, dil, oh, ow, col, col_off, col_ld
                 col[row, base + ox] = 0.0
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=True, nogil=True)
 def _col2im_add(col, b, c0, cg, kh, kw, sy, sx, pad, dil, oh, ow, gx):
     """Adjoint of _im2col: gx[b, c0 + c, iy, ix] += col[row, oy*ow + ox]. Parallel over channels (no write races)."""
     h = gx.shape[2]
@@ -170,7 +170,7 @@ def _im2col_block(x, b, c0, cg, kh, kw, sy, sx, pad, dil, oy0, oy1, ow, col):
                         col[base + ox] = 0.0
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=True, nogil=True)
 def _conv_im2col_kernel(x, w2d, bias, groups, kh, kw, sy, sx, pad, dil, oh, ow, code, y, rows_per_job, ws):
     """y = act(conv(x) + bias) by blocks of output rows: im2col into the thread's scratch, GEMM, epilogue."""
     nb, c, h, w = x.shape
@@ -196,7 +196,7 @@ def _conv_im2col_kernel(x, w2d, bias, groups, kh, kw, sy, sx, pad, dil, oh, ow, 
             bias_act_row(yflat, base + oy0 * ow, base + oy1 * ow, bias[f], code)
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=True, nogil=True)
 def _conv1x1_kernel(x, w2d, bias, code, y, cols_per_job):
     """x (nb, c, s) -> y (nb, n, s) = act(w2d @ x[b] + bias) by blocks of columns."""
     nb, c, s = x.shape
@@ -213,7 +213,7 @@ def _conv1x1_kernel(x, w2d, bias, code, y, cols_per_job):
             bias_act_row(yflat, base + s0, base + s1, bias[f], code)
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=True, nogil=True)
 def _batched_gemm(u, v, m, cols_per_job):
     """m[a] = u[a] @ v[a] for every a; u (A, n, c), v (A, c, t), m (A, n, t); jobs = (a, block of columns)."""
     na, n, c = u.shape
@@ -298,7 +298,7 @@ def _pad_plane_split22(x, b, c, pad, hp2, wp2, buf):
             orow[j] = xr[t + 1] if 0 <= t + 1 < wd else 0.0
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=True, nogil=True)
 def _direct_1ch_forward(x, w, bias, sy, sx, pad, dil, oh, ow, code, y, ws):
     """y[b, f] = act(bias[f] + sum_{ky,kx} w[f, 0, ky, kx] * x[b, f // mult, ...]), mult = n // C.
 
@@ -460,7 +460,7 @@ def _direct_1ch_scratch_elements(h, w, oh, ow, kh, kw, sy, sx, pad, dil):
     return max(4 * ((hp + 1) // 2) * ((wp + 1) // 2) + oh * ((wp + 1) // 2) + 2, hp * wp + oh * wp)
 
 
-@njit(cache=True, parallel=True, fastmath={"reassoc", "contract", "nsz"})
+@njit(cache=True, parallel=True, nogil=True, fastmath={"reassoc", "contract", "nsz"})
 def _direct_1ch_backward(x, w, gy, sy, sx, pad, dil, gx, gw_partial, ws):
     """Backward of _direct_1ch_forward (pre-activation): gx += dL/dx, gw_partial[b, f] = image b's filter gradient.
 
@@ -584,7 +584,7 @@ def _col2im_block(col, b, c0, cg, kh, kw, sy, sx, pad, dil, oh, ow, gx):
                             dst[i * sx] += src[i]
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=True, nogil=True)
 def _conv_backward_kernel(x, w2d, gy, groups, kh, kw, sy, sx, pad, dil, one_by_one, need_gx, gx, gw_partial, ws):
     """Per image (one job each): im2col, grad_w += gy @ col^T into the thread's partial sum, and
     dcol = W^T @ gy scattered back by col2im."""
@@ -622,7 +622,7 @@ def _conv_backward_kernel(x, w2d, gy, groups, kh, kw, sy, sx, pad, dil, one_by_o
 #   out = A^T [ (G g G^T) .* (B^T d B) ] A  on 6x6 input tiles d giving 4x4 output tiles
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=True, nogil=True)
 def _wino_filter_transform(w, u):
     """w (n, c, 3, 3) -> u (36, n, c) = G w G^T."""
     nf, nc = w.shape[0], w.shape[1]
@@ -708,7 +708,7 @@ def _wino_input_scratch_elements(th, tw):
     return 4 * hp * (tw + 1) + 24 * (tw + 1)
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=True, nogil=True)
 def _wino_input_transform(x, pad, th, tw, v, ws):
     """x (nb, c, h, w) -> v (36, c, nb*th*tw): B^T d B for every 6x6 tile (tile origin (4ty - pad, 4tx - pad)).
 
@@ -795,7 +795,7 @@ def _wino_output_scratch_elements(tw):
     return 40 * tw
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=True, nogil=True)
 def _wino_output_transform(m, bias, th, tw, code, y, ws):
     """m (36, n, nb*th*tw) -> y (nb, n, oh, ow) = act(A^T m A + bias), contiguous loops over the tiles of a band."""
     nb, nf, oh, ow = y.shape
@@ -893,7 +893,7 @@ def _wino_long_input_scratch_elements(th, tw):
     return 16 * (th + 1) * (tw + 1) + 24 * th * (tw + 1) + 1
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=True, nogil=True)
 def _wino_input_long(x, pad, th, tw, v, ws):
     """x (nb, c, h, w) -> v (36, c, nb*th*(tw+1)): tile (b, ty, tx) in column (b*th + ty)*(tw+1) + tx.
 
@@ -1022,7 +1022,7 @@ def _wino_long_output_scratch_elements(th, tw):
     return 40 * th * (tw + 1)
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=True, nogil=True)
 def _wino_output_long(m, bias, th, tw, code, y, ws):
     """m (36, n, nb*th*(tw+1)) (layout of _wino_input_long) -> y = act(A^T m A + bias), flat loops over the tiles."""
     nb, nf, oh, ow = y.shape

@@ -257,7 +257,7 @@ def correct_yolo_boxes(boxes: np.ndarray, image_w: int, image_h: int, net_w: int
     return boxes
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _yolo_candidates(view, anchor_w, anchor_h, lw, lh, net_w, net_h, thresh, new_coords):
     """get_yolo_detections' loop over one head (anchors, 5 + classes, cells): the (cell, anchor) pairs with
     objectness > thresh, cells outer, anchors inner (Darknet's order), with their boxes (in the network's frame) and
@@ -406,7 +406,7 @@ def _box_diou(ax, ay, aw, ah, bx, by, bw, bh, exponent):
     return iou - u
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _nms_kernel(boxes, probs, objectness, thresh, kind, beta):
     """Per class: sort by probability, zero the probability of every later box that overlaps a kept one.
 
@@ -433,9 +433,26 @@ def _nms_kernel(boxes, probs, objectness, thresh, kind, beta):
         bottom[i] = y + h / two
         area[i] = w * h
         valid[i] = objectness[i] != 0  # Darknet moves objectness==0 detections out of NMS
-    by_class = probs.T.copy()
+    # each class's candidates (valid, nonzero probability), in detection order: one row-major pass counts them,
+    # a second files them (probs is (boxes, classes); a column scan per class would stride across rows)
+    counts = np.zeros(classes + 1, np.int64)
+    for i in range(n):
+        if valid[i]:
+            for k in range(classes):
+                if probs[i, k] != 0:
+                    counts[k + 1] += 1
+    for k in range(classes):
+        counts[k + 1] += counts[k]
+    filled = counts[:classes].copy()
+    members = np.empty(counts[classes], np.int64)
+    for i in range(n):
+        if valid[i]:
+            for k in range(classes):
+                if probs[i, k] != 0:
+                    members[filled[k]] = i
+                    filled[k] += 1
     candidates = np.empty(n, np.int64)
-    values = np.empty(n, np.float32)
+    values = np.empty(n, np.float32)     # the sort's keys
     sl = np.empty(n, np.float32)
     sr = np.empty(n, np.float32)
     st = np.empty(n, np.float32)
@@ -443,18 +460,31 @@ def _nms_kernel(boxes, probs, objectness, thresh, kind, beta):
     sa = np.empty(n, np.float32)
     alive = np.empty(n, np.bool_)
     for k in range(classes):
-        column = by_class[k]
-        m = 0
-        for i in range(n):
-            if valid[i] and column[i] != 0:
-                candidates[m] = i
-                values[m] = -column[i]
-                m += 1
+        m = counts[k + 1] - counts[k]
         if m < 2:
             continue
-        order = np.argsort(values[:m], kind="mergesort")  # stable: ties keep Darknet's detection order
+        # by decreasing probability, ties in detection order (stable); a class mostly has a handful of candidates,
+        # which an insertion sort orders without the allocations of argsort
+        own = members[counts[k]:counts[k + 1]]
+        if m <= 64:
+            for a in range(m):
+                i = own[a]
+                v = probs[i, k]
+                b = a
+                while b > 0 and values[b - 1] < v:
+                    values[b] = values[b - 1]
+                    candidates[b] = candidates[b - 1]
+                    b -= 1
+                values[b] = v
+                candidates[b] = i
+        else:
+            for a in range(m):
+                values[a] = -probs[own[a], k]
+            order = np.argsort(values[:m], kind="mergesort")
+            for a in range(m):
+                candidates[a] = own[order[a]]
         for a in range(m):
-            i = candidates[order[a]]
+            i = candidates[a]
             sl[a], sr[a], st[a], sb[a], sa[a] = left[i], right[i], top[i], bottom[i], area[i]
             alive[a] = True
         for a in range(m):
@@ -478,7 +508,7 @@ def _nms_kernel(boxes, probs, objectness, thresh, kind, beta):
                 if not overlap > limit:
                     continue
                 if kind == 1 or kind == 2:
-                    i, j = candidates[order[a]], candidates[order[b]]
+                    i, j = candidates[a], candidates[b]
                     overlap = _box_diou(boxes[i, 0], boxes[i, 1], boxes[i, 2], boxes[i, 3],
                                         boxes[j, 0], boxes[j, 1], boxes[j, 2], boxes[j, 3],
                                         0.6 if kind == 1 else beta)
@@ -486,7 +516,7 @@ def _nms_kernel(boxes, probs, objectness, thresh, kind, beta):
                     alive[b] = False
         for a in range(m):
             if not alive[a]:
-                probs[candidates[order[a]], k] = 0
+                probs[candidates[a], k] = 0
 
 
 def nms(dets: Detections, thresh: float = 0.45, nms_kind: str = "default", beta_nms: float = 0.6) -> Detections:

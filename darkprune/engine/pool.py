@@ -58,7 +58,7 @@ def _output(out, shape, dtype, name):
 PARALLEL_MIN_WORK = 1 << 21  # window reads per call above which the parallel kernels are used
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _valid_cols(col0, sx, w, out_w):
     """Output columns j whose input column col0 + j*sx lies inside [0, w)."""
     j_lo = 0
@@ -69,7 +69,7 @@ def _valid_cols(col0, sx, w, out_w):
     return j_lo, min(out_w, (w - 1 - col0) // sx + 1)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _maxpool_plane(xp, op, ip, base, size, sx, sy, off, want_idx):
     h, w = xp.shape
     out_h, out_w = op.shape
@@ -101,7 +101,7 @@ def _maxpool_plane(xp, op, ip, base, size, sx, sy, off, want_idx):
                         orow[j] = v if v > o else o
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _maxpool_plane_separable(xp, op, rows, size, sx, sy, off):
     # Inference only (no indices), for windows of 3 and more: the max over a window is the max over its rows of
     # each row's max over the window's columns, so first each input row's column maxima (rows: (H, out_w)), then
@@ -133,7 +133,7 @@ def _maxpool_plane_separable(xp, op, rows, size, sx, sy, off):
                 orow[j] = v if v > o else o
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _maxpool_serial(x, out, idx, size, sx, sy, pad, want_idx):
     n_batch, channels, h, w = x.shape
     off = -(pad // 2)
@@ -148,7 +148,7 @@ def _maxpool_serial(x, out, idx, size, sx, sy, pad, want_idx):
                            off, want_idx)
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=True, nogil=True)
 def _maxpool_parallel(x, out, idx, size, sx, sy, pad, want_idx):
     n_batch, channels, h, w = x.shape
     off = -(pad // 2)
@@ -163,7 +163,7 @@ def _maxpool_parallel(x, out, idx, size, sx, sy, pad, want_idx):
                            off, want_idx)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _maxpool_depth_kernel(x, out, idx, want_idx):
     n_batch, channels, h, w = x.shape
     groups = out.shape[1]
@@ -185,7 +185,7 @@ def _maxpool_depth_kernel(x, out, idx, want_idx):
                     idx[b, g, y, xx] = best_i
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _scatter_argmax(grad_out_flat, idx_flat, grad_in_flat):
     # Serial: with overlapping windows (stride < size) several outputs can route to one input cell.
     for i in range(grad_out_flat.size):
@@ -248,7 +248,7 @@ def maxpool_backward(grad_out: np.ndarray, indices: np.ndarray, x_shape: tuple) 
 # avgpool (global)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _avgpool_kernel(x, out, zero):
     # memory-bound: serial (a parallel region costs more than it saves on these sizes)
     n_batch, channels, h, w = x.shape
@@ -284,7 +284,7 @@ def avgpool_backward(grad_out: np.ndarray, x_shape: tuple) -> np.ndarray:
 # local_avgpool
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _local_avgpool_plane(xp, op, size, sx, sy, off, zero):
     # Row by row as maxpool; per output cell the sum runs in Darknet's (n, m) order from 0, so the float result is
     # Darknet's. The count of in-image cells factors into (valid rows) * (valid columns).
@@ -308,14 +308,14 @@ def _local_avgpool_plane(xp, op, size, sx, sy, off, zero):
             orow[j] = orow[j] / ((n_hi - n_lo) * (min(size, w - w0) - max(0, -w0)))
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _local_avgpool_serial(x, out, size, sx, sy, pad, zero):
     for b in range(x.shape[0]):
         for k in range(x.shape[1]):
             _local_avgpool_plane(x[b, k], out[b, k], size, sx, sy, -(pad // 2), zero)
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=True, nogil=True)
 def _local_avgpool_parallel(x, out, size, sx, sy, pad, zero):
     channels = x.shape[1]
     for bc in prange(x.shape[0] * channels):
@@ -323,7 +323,7 @@ def _local_avgpool_parallel(x, out, size, sx, sy, pad, zero):
                              -(pad // 2), zero)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _local_avgpool_backward_kernel(grad_out, grad_in, size, sx, sy, pad):
     n_batch, channels, h, w = grad_in.shape
     out_h, out_w = grad_out.shape[2], grad_out.shape[3]

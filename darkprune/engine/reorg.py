@@ -20,7 +20,7 @@ import numpy as np
 from numba import njit
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _reorg_cpu(x, W, H, C, s, forward, out):
     n_batch = x.shape[0]
     cp = C // (s * s)

@@ -6,7 +6,7 @@ import numpy as np
 from numba import njit
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _mul(a, b, out):
     fa = a.reshape(-1)
     fb = b.reshape(-1)

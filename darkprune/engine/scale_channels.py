@@ -11,7 +11,7 @@ import numpy as np
 from numba import njit
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _scale_kernel(scales, x_from, scale_wh, out):
     n, c, h, w = x_from.shape
     for bc in range(n * c):
@@ -28,7 +28,7 @@ def _scale_kernel(scales, x_from, scale_wh, out):
                     out[b, k, y, xx] = s * x_from[b, k, y, xx]
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _grad_scales_channel(grad_out, x_from, grad_scales):
     n, c, h, w = x_from.shape
     for bc in range(n * c):
@@ -41,7 +41,7 @@ def _grad_scales_channel(grad_out, x_from, grad_scales):
         grad_scales[b, k, 0, 0] = acc
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _grad_scales_wh(grad_out, x_from, grad_scales):
     n, c, h, w = x_from.shape
     for by in range(n * h):

@@ -22,7 +22,7 @@ NORMALIZATIONS = ("none", "relu", "softmax")
 NORM_EPS = 0.0001  # Darknet's eps in the weight normalisation's denominator
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _scaled_copy(src, per_channel_w, plane, out):
     # out[b, i] = src[b, i] * w[i // plane]
     n_batch, size = src.shape
@@ -36,7 +36,7 @@ def _scaled_copy(src, per_channel_w, plane, out):
             out[b, p] = src[b, p] * wc
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _add_prefix(src, per_channel_w, plane, count, weighted, out):
     # out[b, i] += src[b, i] * w[i // plane] for i < count (the flat prefix both tensors share)
     n_batch = out.shape[0]
@@ -55,7 +55,7 @@ def _add_prefix(src, per_channel_w, plane, count, weighted, out):
                 out[b, p] += src[b, p]
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _add_plain(a, b_arr, out):
     flat_a = a.reshape(-1)
     flat_b = b_arr.reshape(-1)
@@ -64,7 +64,7 @@ def _add_plain(a, b_arr, out):
         flat_o[i] = flat_a[i] + flat_b[i]
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _weighted_prefix_dot(grad, src, plane, count, n_ch):
     # per channel c: sum over batch and the channel's cells (within the shared prefix) of grad * src
     acc = np.zeros(n_ch, np.float64)
@@ -228,7 +228,7 @@ def shortcut_backward(grad_out: np.ndarray, x_prev: np.ndarray, froms, weights: 
 # pjreddie's shortcut for inputs of different H x W (the ResNet cfgs: e.g. a 32x32x512 layer + a 64x64x256 `from`)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _strided_add(src, dst, sample_src, sample_dst, count_c, count_h, count_w):
     # dst[b, k, j*sample_dst, i*sample_dst] += src[b, k, j*sample_src, i*sample_src]
     for b in range(dst.shape[0]):

@@ -11,7 +11,7 @@ import numpy as np
 from numba import njit
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _softmax_rows(x, temp, zero, out):
     # x, out: (rows, n); softmax of each row, in Darknet's order of operations: exp(x/T - max/T), then / sum
     rows, n = x.shape
@@ -29,7 +29,7 @@ def _softmax_rows(x, temp, zero, out):
             out[r, i] = out[r, i] / total
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _softmax_channels(x, zero, out):
     # per (n, y, x): softmax over the channel axis of x (N, C, P)
     n_batch, c, p = x.shape

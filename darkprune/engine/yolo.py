@@ -22,42 +22,13 @@ from numba import njit, prange
 PARALLEL_MIN_SIZE = 1 << 20
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _logistic(v, one):
     # `one` typed like v: Darknet computes 1.f/(1.f + expf(-x)) in float
     return one / (one + np.exp(-v))
 
 
-@njit(cache=True)
-def _yolo_anchor(x, b, a, entries, scale, beta, new_coords, one, out):
-    h, w = x.shape[2], x.shape[3]
-    base = a * entries
-    for e in range(entries):
-        ch = base + e
-        act = (not new_coords) and e != 2 and e != 3
-        for y in range(h):
-            for xx in range(w):
-                v = x[b, ch, y, xx]
-                if act:
-                    v = _logistic(v, one)
-                if e < 2:
-                    v = v * scale + beta
-                out[b, ch, y, xx] = v
-
-
-@njit(cache=True)
-def _yolo_serial(x, num, entries, scale, beta, new_coords, one, out):
-    for bn in range(x.shape[0] * num):
-        _yolo_anchor(x, bn // num, bn % num, entries, scale, beta, new_coords, one, out)
-
-
-@njit(cache=True, parallel=True)
-def _yolo_parallel(x, num, entries, scale, beta, new_coords, one, out):
-    for bn in prange(x.shape[0] * num):
-        _yolo_anchor(x, bn // num, bn % num, entries, scale, beta, new_coords, one, out)
-
-
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _yolo_backward_kernel(grad_out, out, num, entries, scale, beta, new_coords, grad_in):
     n_batch, _, h, w = out.shape
     for bn in range(n_batch * num):
@@ -79,7 +50,7 @@ def _yolo_backward_kernel(grad_out, out, num, entries, scale, beta, new_coords, 
                     grad_in[b, ch, y, xx] = g
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _region_anchor(x, b, a, coords, classes, do_softmax, zero, one, out):
     h, w = x.shape[2], x.shape[3]
     entries = coords + 1 + classes
@@ -111,19 +82,19 @@ def _region_anchor(x, b, a, coords, classes, do_softmax, zero, one, out):
                     out[b, c0 + k, y, xx] = out[b, c0 + k, y, xx] / total
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _region_serial(x, num, coords, classes, do_softmax, zero, one, out):
     for bn in range(x.shape[0] * num):
         _region_anchor(x, bn // num, bn % num, coords, classes, do_softmax, zero, one, out)
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=True, nogil=True)
 def _region_parallel(x, num, coords, classes, do_softmax, zero, one, out):
     for bn in prange(x.shape[0] * num):
         _region_anchor(x, bn // num, bn % num, coords, classes, do_softmax, zero, one, out)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _region_backward_kernel(grad_out, out, num, coords, classes, do_softmax, grad_in):
     n_batch, _, h, w = out.shape
     entries = coords + 1 + classes
@@ -163,7 +134,7 @@ def _check(x, channels, what):
 
 def _out(out, x, what):
     if out is None:
-        return np.empty_like(x)
+        return np.empty(x.shape, x.dtype)
     if out.shape != x.shape or out.dtype != x.dtype or not out.flags.c_contiguous:
         raise ValueError(f"{what}: out must be C-contiguous with the input's shape and dtype")
     return out
@@ -182,8 +153,23 @@ def yolo_forward(x: np.ndarray, num_masks: int, classes: int, scale_x_y: float =
     _check(x, num_masks * (5 + classes), "yolo")
     out = _out(out, x, "yolo")
     scale, beta = _xy_affine(scale_x_y, x.dtype)
-    kernel = _yolo_parallel if x.size >= PARALLEL_MIN_SIZE and x.shape[0] * num_masks > 1 else _yolo_serial
-    kernel(np.ascontiguousarray(x), num_masks, 5 + classes, scale, beta, bool(new_coords), x.dtype.type(1), out)
+    n, _, h, w = x.shape
+    entries = 5 + classes
+    view = out.reshape(n, num_masks, entries, h * w)
+    np.copyto(view, np.ascontiguousarray(x).reshape(view.shape))
+    if not new_coords:
+        # numpy's vectorised exp: a head is 255 channels at the output resolution, and elementwise libm calls made
+        # this layer cost as much as the convolution before it (the values agree with expf to an ulp)
+        one = x.dtype.type(1)
+        with np.errstate(over="ignore"):                     # exp(-x) = inf for very negative x: 1/(1+inf) = 0
+            for part in (view[:, :, :2], view[:, :, 4:]):   # x, y; objectness and classes (not w, h)
+                np.negative(part, out=part)
+                np.exp(part, out=part)
+                np.add(part, one, out=part)
+                np.divide(one, part, out=part)
+    xy = view[:, :, :2]
+    np.multiply(xy, scale, out=xy)
+    np.add(xy, beta, out=xy)
     return out
 
 

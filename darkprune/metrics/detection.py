@@ -62,7 +62,7 @@ def iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.where((inter == 0) | (union == 0), _F32(0), iou).astype(np.float32)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _ap_area(recall, precision):
     """Darknet's -points 0 loop: walk the ranks backwards under the running precision maximum."""
     n = len(recall)
@@ -81,7 +81,7 @@ def _ap_area(recall, precision):
     return ap
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _ap_points(recall, precision, points):
     """Darknet's -points N loop: best precision at recall >= each of N evenly spaced recalls, averaged."""
     ap = 0.0
@@ -137,6 +137,55 @@ def _first_occurrences(index: np.ndarray) -> np.ndarray:
     return first
 
 
+@njit(cache=True, nogil=True)
+def _match_pairs(boxes, probs, truth_boxes, truth_class, thresholds):
+    """Each (detection, class) pair with a nonzero probability, in Darknet's order (detections, then classes): its
+    class and probability, for each IoU threshold the first truth of its class with the largest IoU above it (-1:
+    none), and that IoU at the first threshold (0: none). IoU in Darknet's float32 arithmetic, as iou_matrix."""
+    n, classes = probs.shape
+    k = truth_boxes.shape[0]
+    count = 0
+    for i in range(n):
+        for c in range(classes):
+            if probs[i, c] > 0:
+                count += 1
+    pair_class = np.empty(count, np.int64)
+    pair_prob = np.empty(count, np.float32)
+    best = np.full((len(thresholds), count), -1, np.int64)
+    best_iou = np.zeros(count, np.float32)
+    ious = np.empty(k, np.float32)
+    two = np.float32(2.0)
+    q = 0
+    for i in range(n):
+        ax, ay, aw, ah = boxes[i, 0], boxes[i, 1], boxes[i, 2], boxes[i, 3]
+        have_ious = False
+        for c in range(classes):
+            p = probs[i, c]
+            if not p > 0:
+                continue
+            if not have_ious:
+                for j in range(k):
+                    bx, by, bw, bh = truth_boxes[j, 0], truth_boxes[j, 1], truth_boxes[j, 2], truth_boxes[j, 3]
+                    w = min(ax + aw / two, bx + bw / two) - max(ax - aw / two, bx - bw / two)
+                    h = min(ay + ah / two, by + bh / two) - max(ay - ah / two, by - bh / two)
+                    inter = np.float32(0.0) if (w < 0 or h < 0) else w * h
+                    union = aw * ah + bw * bh - inter
+                    ious[j] = np.float32(0.0) if (inter == 0 or union == 0) else inter / union
+                have_ious = True
+            pair_class[q] = c
+            pair_prob[q] = p
+            for t in range(len(thresholds)):
+                top = np.float32(-1.0)
+                for j in range(k):
+                    if truth_class[j] == c and ious[j] > thresholds[t] and ious[j] > top:
+                        top = ious[j]
+                        best[t, q] = j
+                if t == 0 and best[0, q] >= 0:
+                    best_iou[q] = top
+            q += 1
+    return pair_class, pair_prob, best, best_iou
+
+
 class DetectionEvaluator:
     """Streaming ``darknet detector map``: ``add`` each image's detections and truths, then ``result(points)``."""
 
@@ -175,23 +224,11 @@ class DetectionEvaluator:
         truth_boxes = truths[:, 1:5]
         self.truth_counts += np.bincount(truth_class, minlength=self.classes)
 
-        det_index, pair_class = np.nonzero(probs > 0)  # Darknet's loop: detections, then classes
-        pair_prob = probs[det_index, pair_class]
-        pair_iou = iou_matrix(boxes, truth_boxes)[det_index]  # (pairs, truths)
-        same_class = pair_class[:, None] == truth_class[None, :]
-        rows = np.arange(len(det_index))
-        truth_index = np.full((len(self._thresholds), len(det_index)), -1, np.int32)
-        best_iou = np.zeros(len(det_index), np.float32)
-        for t, iou_thresh in enumerate(self._thresholds):
-            if not len(truth_class) or not len(det_index):
-                continue
-            match = same_class & (pair_iou > _F32(iou_thresh))
-            candidates = np.where(match, pair_iou, _F32(-1))
-            best = candidates.argmax(axis=1)  # first truth among equal IoUs, as Darknet's strict '>'
-            found = match.any(axis=1)
-            truth_index[t] = np.where(found, self.unique_truths + best, -1)
-            if t == 0:
-                best_iou = np.where(found, candidates[rows, best], _F32(0))
+        thresholds = np.array(self._thresholds, np.float32)
+        pair_class, pair_prob, best, best_iou = _match_pairs(
+            np.ascontiguousarray(boxes), np.ascontiguousarray(probs), np.ascontiguousarray(truth_boxes),
+            truth_class, thresholds)
+        truth_index = np.where(best >= 0, best + self.unique_truths, -1).astype(np.int32)
 
         # TP / FP at the confidence threshold, Darknet's per-image bookkeeping.
         above = pair_prob > _F32(self.thresh)

@@ -28,6 +28,7 @@ import os
 import sys
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -498,12 +499,16 @@ class _Measure:
         self.lean = bool(self.heads) and dataset.kind == "detection" and \
             self.heads[-1][1].classes == dataset.classes
         self.entry = None
+        self.scorer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="darkprune-score")
         if self.lean:
             from ..data import cached_inputs
             # opened once: batches are handed on as views of the memory map, so a run served from the frontier
             # never reads (or copies) an input image
             self.entry = cached_inputs(dataset, self.width, self.height, self.channels,
                                        "letterbox" if self.letterbox else "darknet", cache_dir, batch, False)
+
+    def close(self) -> None:
+        self.scorer.shutdown(wait=True)
 
     def __call__(self, network: Network, forward=None) -> float:
         from ..evaluate import MAP_NMS, MAP_THRESH, evaluate
@@ -516,13 +521,25 @@ class _Measure:
         run = forward or network.forward
         dataset = self.dataset
         evaluator = DetectionEvaluator(dataset.classes, dataset.names, 0.5, 0.25, iou_thresholds=())
-        for start, stop, inputs, sizes in self.entry.batches(self.batch):
-            outputs = run(inputs)
+
+        def score(start: int, stop: int, outputs: dict, sizes: np.ndarray) -> None:
             for i in range(stop - start):
                 dets = decode_image([(outputs[index][i], params) for index, params in self.heads], self.width,
                                     self.height, int(sizes[i][0]), int(sizes[i][1]), thresh=MAP_THRESH,
                                     nms_thresh=MAP_NMS, letterbox=self.letterbox)
                 evaluator.add(dets, dataset.boxes[start + i])
+
+        # A batch is decoded and scored on a second thread while the next one runs through the network: the kernels
+        # release the GIL, and the small late layers a prefix-cached run consists of mostly leave a core idle. One
+        # batch at a time, in order, so the evaluator sees the images as evaluate() does.
+        pending = None
+        for start, stop, inputs, sizes in self.entry.batches(self.batch):
+            outputs = run(inputs)
+            if pending is not None:
+                pending.result()
+            pending = self.scorer.submit(score, start, stop, outputs, sizes)
+        if pending is not None:
+            pending.result()
         return float(evaluator.result(0)["map50"])
 
 
@@ -636,6 +653,7 @@ def analyze(model: Model, data, rates=DEFAULT_RATES, criterion: str = "l1", limi
                 callback(group.id, dict(curve))
     finally:
         bar.close()
+        measure.close()
     return sens
 
 
