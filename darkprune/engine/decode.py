@@ -370,7 +370,8 @@ def region_detections(output: np.ndarray, params: HeadParams | Mapping[str, Any]
 
 
 @njit(cache=True, inline="always")
-def _box_iou(ax, ay, aw, ah, bx, by, bw, bh):
+def box_iou(ax, ay, aw, ah, bx, by, bw, bh):
+    """box.c's box_iou of two (cx, cy, w, h) boxes, in float32 (also the mAP's matching IoU)."""
     two = np.float32(2.0)
     left = max(ax - aw / two, bx - bw / two)
     right = min(ax + aw / two, bx + bw / two)
@@ -398,7 +399,7 @@ def _box_diou(ax, ay, aw, ah, bx, by, bw, bh, exponent):
     w = right - left
     h = bottom - top
     c = w * w + h * h
-    iou = _box_iou(ax, ay, aw, ah, bx, by, bw, bh)
+    iou = box_iou(ax, ay, aw, ah, bx, by, bw, bh)
     if c == 0:
         return iou
     d = (ax - bx) * (ax - bx) + (ay - by) * (ay - by)
@@ -407,34 +408,27 @@ def _box_diou(ax, ay, aw, ah, bx, by, bw, bh, exponent):
 
 
 @njit(cache=True, nogil=True)
-def _nms_kernel(boxes, probs, objectness, thresh, kind, beta):
-    """Per class: sort by probability, zero the probability of every later box that overlaps a kept one.
-
-    The arithmetic is box.c's, pair for pair, in float32; what differs from a literal port is where it happens.
-    Box edges and areas are the same float32 expressions box_iou evaluates, computed once per box instead of once
-    per pair, and each class's candidates are copied in probability order into contiguous arrays (probs is
-    (boxes, classes): reading it per pair strides across rows). The DIoU kinds compute their distance term only for
-    pairs whose IoU passes the threshold: DIoU = IoU - a non-negative term, so a pair failing on IoU fails on DIoU.
-    """
-    limit = np.float32(thresh)
+def _box_edges(boxes):
+    """left, right, top, bottom and area of each (cx, cy, w, h) box: the float32 expressions box_iou evaluates."""
+    n = boxes.shape[0]
     two = np.float32(2.0)
-    n, classes = probs.shape
-    left = np.empty(n, np.float32)
-    right = np.empty(n, np.float32)
-    top = np.empty(n, np.float32)
-    bottom = np.empty(n, np.float32)
-    area = np.empty(n, np.float32)
-    valid = np.zeros(n, np.bool_)
+    edges = np.empty((5, n), np.float32)
     for i in range(n):
         x, y, w, h = boxes[i, 0], boxes[i, 1], boxes[i, 2], boxes[i, 3]
-        left[i] = x - w / two
-        right[i] = x + w / two
-        top[i] = y - h / two
-        bottom[i] = y + h / two
-        area[i] = w * h
-        valid[i] = objectness[i] != 0  # Darknet moves objectness==0 detections out of NMS
-    # each class's candidates (valid, nonzero probability), in detection order: one row-major pass counts them,
-    # a second files them (probs is (boxes, classes); a column scan per class would stride across rows)
+        edges[0, i] = x - w / two
+        edges[1, i] = x + w / two
+        edges[2, i] = y - h / two
+        edges[3, i] = y + h / two
+        edges[4, i] = w * h
+    return edges[0], edges[1], edges[2], edges[3], edges[4]
+
+
+@njit(cache=True, nogil=True)
+def _candidates_by_class(probs, valid):
+    """Each class's candidates (valid, nonzero probability) in detection order: class k's are
+    members[counts[k]:counts[k + 1]]. One row-major pass counts them, a second files them (probs is (boxes,
+    classes): a column scan per class would stride across rows)."""
+    n, classes = probs.shape
     counts = np.zeros(classes + 1, np.int64)
     for i in range(n):
         if valid[i]:
@@ -451,6 +445,27 @@ def _nms_kernel(boxes, probs, objectness, thresh, kind, beta):
                 if probs[i, k] != 0:
                     members[filled[k]] = i
                     filled[k] += 1
+    return counts, members
+
+
+@njit(cache=True, nogil=True)
+def _nms_kernel(boxes, probs, objectness, thresh, kind, beta):
+    """Per class: sort by probability, zero the probability of every later box that overlaps a kept one.
+
+    The arithmetic is box.c's, pair for pair, in float32; what differs from a literal port is where it happens.
+    Box edges and areas are the same float32 expressions box_iou evaluates, computed once per box instead of once
+    per pair, and each class's candidates are copied in probability order into contiguous arrays. The DIoU kinds
+    compute their distance term only for pairs whose IoU passes the threshold: DIoU = IoU - a non-negative term, so
+    a pair failing on IoU fails on DIoU.
+    """
+    limit = np.float32(thresh)
+    n, classes = probs.shape
+    left, right, top, bottom, area = _box_edges(boxes)
+    valid = np.zeros(n, np.bool_)
+    for i in range(n):
+        valid[i] = objectness[i] != 0  # Darknet moves objectness==0 detections out of NMS
+    counts, members = _candidates_by_class(probs, valid)
+    # the current class's candidates in probability order: their edges side by side, and whether still kept
     candidates = np.empty(n, np.int64)
     values = np.empty(n, np.float32)     # the sort's keys
     sl = np.empty(n, np.float32)

@@ -38,6 +38,7 @@ from typing import Any, Sequence
 import numpy as np
 from numba import njit
 
+from darkprune.engine.decode import box_iou
 from darkprune.errors import DarkpruneError
 
 __all__ = ["COCO_IOU_THRESHOLDS", "DetectionEvaluator", "detection_map", "iou_matrix", "average_precision"]
@@ -141,7 +142,7 @@ def _first_occurrences(index: np.ndarray) -> np.ndarray:
 def _match_pairs(boxes, probs, truth_boxes, truth_class, thresholds):
     """Each (detection, class) pair with a nonzero probability, in Darknet's order (detections, then classes): its
     class and probability, for each IoU threshold the first truth of its class with the largest IoU above it (-1:
-    none), and that IoU at the first threshold (0: none). IoU in Darknet's float32 arithmetic, as iou_matrix."""
+    none), and that IoU at the first threshold (0: none). IoU as box.c computes it (float32), as iou_matrix."""
     n, classes = probs.shape
     k = truth_boxes.shape[0]
     count = 0
@@ -154,7 +155,6 @@ def _match_pairs(boxes, probs, truth_boxes, truth_class, thresholds):
     best = np.full((len(thresholds), count), -1, np.int64)
     best_iou = np.zeros(count, np.float32)
     ious = np.empty(k, np.float32)
-    two = np.float32(2.0)
     q = 0
     for i in range(n):
         ax, ay, aw, ah = boxes[i, 0], boxes[i, 1], boxes[i, 2], boxes[i, 3]
@@ -165,12 +165,8 @@ def _match_pairs(boxes, probs, truth_boxes, truth_class, thresholds):
                 continue
             if not have_ious:
                 for j in range(k):
-                    bx, by, bw, bh = truth_boxes[j, 0], truth_boxes[j, 1], truth_boxes[j, 2], truth_boxes[j, 3]
-                    w = min(ax + aw / two, bx + bw / two) - max(ax - aw / two, bx - bw / two)
-                    h = min(ay + ah / two, by + bh / two) - max(ay - ah / two, by - bh / two)
-                    inter = np.float32(0.0) if (w < 0 or h < 0) else w * h
-                    union = aw * ah + bw * bh - inter
-                    ious[j] = np.float32(0.0) if (inter == 0 or union == 0) else inter / union
+                    ious[j] = box_iou(ax, ay, aw, ah, truth_boxes[j, 0], truth_boxes[j, 1], truth_boxes[j, 2],
+                                      truth_boxes[j, 3])
                 have_ious = True
             pair_class[q] = c
             pair_prob[q] = p
