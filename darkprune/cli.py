@@ -13,6 +13,7 @@ import warnings
 
 from . import __version__
 from .errors import DarkpruneError
+from .jsonio import json_default
 
 COMMANDS: dict[str, "callable"] = {}
 
@@ -27,19 +28,10 @@ def command(name: str):
 def emit(args, payload: dict, text: str) -> None:
     """Print the result: JSON for scripts, the table for people."""
     if args.json:
-        sys.stdout.write(json.dumps(payload, default=_json_default) + "\n")
+        sys.stdout.write(json.dumps(payload, default=json_default) + "\n")
     elif text:
         sys.stdout.write(text.rstrip("\n") + "\n")
     sys.stdout.flush()
-
-
-def _json_default(obj):
-    import numpy as np
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    return str(obj)
 
 
 def log(args, message: str) -> None:

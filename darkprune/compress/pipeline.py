@@ -36,7 +36,6 @@ weights of the quantised model it returns.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
@@ -55,6 +54,7 @@ from darkprune.darknet.graph import build_graph
 from darkprune.darknet.model import Model
 from darkprune.darknet.weights import WeightsHeader, layer_arrays
 from darkprune.errors import DarkpruneError
+from darkprune.jsonio import write_json
 
 COMPRESSIBLE_TYPES = ("convolutional", "connected")
 # Names that stand for every layer of a type in the per-layer options.
@@ -497,7 +497,7 @@ def compress(model: Model, sparsity: dict | None = None, clusters: dict | None =
         seconds=round(time.perf_counter() - started, 2))
     if ws is not None:
         model.save(ws / "quantized.cfg", ws / "quantized.weights")
-        _write_text(ws / "report.json", json.dumps(report, indent=1, default=_json_default) + "\n")
+        write_json(ws / "report.json", report)
     return CompressResult(model=model, masks=masks, codebooks=codebooks, report=report,
                           path=None if out is None else str(out), history=history)
 
@@ -648,14 +648,6 @@ def _config_text(config: dict) -> str:
 
 def _write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def _json_default(obj):
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    return str(obj)
 
 
 # ---------------------------------------------------------------------------------------------------------- training

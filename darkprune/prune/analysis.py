@@ -38,6 +38,7 @@ from tqdm import tqdm
 from ..darknet.model import Model
 from ..engine.network import Network
 from ..errors import DarkpruneError
+from ..jsonio import write_json
 from .criteria import CRITERIA, channel_scores, channels_to_prune
 from .groups import CROSS_CHANNEL_ACTIVATIONS, NONZERO_AT_ZERO, Group, Grouping, grouping_for
 from .masks import apply_masks, structure_fingerprint
@@ -127,10 +128,7 @@ class Sensitivity:
 
     def save(self, path) -> None:
         """Write the JSON atomically (a temp file beside it, then a rename)."""
-        from ..darknet.cfg import atomic_write_bytes
-        path = Path(path)
-        text = json.dumps(self.to_json(), indent=1) + "\n"
-        atomic_write_bytes(path, text.encode("ascii"))
+        write_json(path, self.to_json())
 
     @classmethod
     def load(cls, path, model: Model | None = None) -> "Sensitivity":

@@ -23,10 +23,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..darknet.cfg import atomic_write_bytes
 from ..darknet.graph import Graph
 from ..darknet.model import Model
 from ..errors import DarkpruneError
+from ..jsonio import write_json
 from .groups import Grouping, grouping_for
 
 FORMAT = "darkprune-masks"
@@ -115,8 +115,7 @@ class Masks:
         validate(grouping, self.pruned, (), source)
 
     def save(self, path: str | os.PathLike) -> None:
-        text = json.dumps(self.to_json(), indent=1) + "\n"
-        atomic_write_bytes(path, text.encode("ascii"))
+        write_json(path, self.to_json())
 
     @classmethod
     def load(cls, path: str | os.PathLike, model: Model | None = None) -> "Masks":

@@ -29,6 +29,7 @@ from pathlib import Path
 
 from ..darknet.cfg import atomic_write_bytes
 from ..errors import DarkpruneError
+from ..jsonio import write_json
 
 # Vitis AI's [pruning] keys -> our option names.
 VITIS_KEYS = {
@@ -149,7 +150,7 @@ class Workspace:
     def write_json(self, name: str, data) -> Path:
         target = self.path / name
         target.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(target, (json.dumps(data, indent=1, default=_json_default) + "\n").encode())
+        write_json(target, data)
         return target
 
     def read_json(self, name: str):
@@ -213,12 +214,3 @@ def _config_value(v) -> str:
     return str(v)
 
 
-def _json_default(obj):
-    import numpy as np
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, Path):
-        return str(obj)
-    raise TypeError(f"cannot serialise {type(obj).__name__}")
