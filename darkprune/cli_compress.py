@@ -12,6 +12,7 @@ import warnings
 from pathlib import Path
 
 from .cli import _EXTRA_PARSERS, _common, command, emit, log
+from .cli_prune import _int, _number
 from .errors import DarkpruneError
 
 # Settings a compress config file may hold beyond compress.magnitude's keys (paths and training options).
@@ -115,18 +116,6 @@ def _read_raw(path: str) -> dict:
     return out
 
 
-def _number(value, where: str, kind=int, low=None):
-    if value in (None, ""):
-        return None
-    try:
-        number = kind(value)
-    except (TypeError, ValueError):
-        raise DarkpruneError(f"{where}: {value!r} is not a {'whole ' if kind is int else ''}number") from None
-    if low is not None and number < low:
-        raise DarkpruneError(f"{where}: {value} must be at least {low}")
-    return number
-
-
 def compress_settings(args) -> dict:
     """Flags win over the config file, which wins over the defaults."""
     from .compress.magnitude import build_compress_config, parse_clusters, parse_sparsity
@@ -168,13 +157,17 @@ def compress_settings(args) -> dict:
         else:
             settings[key] = None
     where = settings.get("_where", {})
-    settings["limit"] = _number(settings["limit"], where.get("limit", "--limit"), int, 1)
-    settings["batch"] = _number(settings["batch"], where.get("batch", "--batch"), int, 1)
-    settings["lr"] = _number(settings["lr"], where.get("lr", "--lr"), float, 0.0)
-    settings["centroid_lr"] = _number(settings["centroid_lr"], where.get("centroid_lr", "--centroid-lr"), float, 0.0)
-    settings["finetune_iters"] = _number(settings["finetune_iters"], "--finetune-iters", int, 0)
-    settings["centroid_iters"] = _number(settings["centroid_iters"], "--centroid-iters", int, 0)
-    settings["seed"] = _number(settings["seed"], "--seed", int, 0)
+
+    def named(key: str) -> str:
+        """How a message names the setting: `--key`, or `FILE:LINE: key=` when the config file gave it."""
+        return f"{where[key]}: {key}=" if key in where else "--" + key.replace("_", "-")
+    settings["limit"] = _int(settings["limit"], named("limit"), 1)
+    settings["batch"] = _int(settings["batch"], named("batch"), 1)
+    settings["lr"] = _number(settings["lr"], named("lr"), 0.0)
+    settings["centroid_lr"] = _number(settings["centroid_lr"], named("centroid_lr"), 0.0)
+    settings["finetune_iters"] = _int(settings["finetune_iters"], "--finetune-iters", 0)
+    settings["centroid_iters"] = _int(settings["centroid_iters"], "--centroid-iters", 0)
+    settings["seed"] = _int(settings["seed"], "--seed", 0)
     for key in ("keep_dead", "strip_comments"):
         settings[key] = _flag(settings[key], f"{where.get(key, '--' + key.replace('_', '-'))}: {key}")
     if not settings.get("cfg") or not settings.get("weights"):

@@ -126,7 +126,7 @@ def _floats(text, flag: str) -> list[float]:
     return values
 
 
-def _number(value, flag: str) -> float | None:
+def _number(value, flag: str, low: float | None = None) -> float | None:
     if value in (None, ""):
         return None
     try:
@@ -135,6 +135,8 @@ def _number(value, flag: str) -> float | None:
         raise DarkpruneError(f"{_what(flag, value)}: expected a number") from None
     if math.isnan(number) or math.isinf(number):
         raise DarkpruneError(f"{_what(flag, value)}: expected a finite number")
+    if low is not None and number < low:
+        raise DarkpruneError(f"{_what(flag, value)}: must be at least {low:g}")
     return number
 
 

@@ -9,6 +9,14 @@ BUNDLED_WEIGHTS = ROOT / "weights" / "yolo-fastest-1.1.weights"
 BUNDLED_DATA = ROOT / "data" / "coco128-val" / "coco128-val.data"
 
 
+def run_cli(capsys, *argv):
+    """`darkprune ARGV...` in this process: (exit code, stdout, stderr)."""
+    from darkprune.cli import main
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
 def asset(*parts: str) -> Path:
     """A file under ../shared/assets; the test is skipped when the shared assets are not beside the project."""
     path = ASSETS.joinpath(*parts)

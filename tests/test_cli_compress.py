@@ -9,9 +9,8 @@ import pytest
 
 import darkprune as dp
 from darkprune.cli import main
+from conftest import ASSETS, run_cli
 
-ROOT = Path(__file__).resolve().parents[1]
-ASSETS = ROOT.parent / "shared" / "assets"
 LENET = ASSETS / "models" / "mnist-lenet"
 
 
@@ -27,12 +26,6 @@ def pair():
     if not (cfg.exists() and weights.exists()):
         pytest.skip("shared assets not present")
     return cfg, weights
-
-
-def run_cli(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture(scope="module")

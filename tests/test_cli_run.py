@@ -16,13 +16,11 @@ import numpy as np
 import pytest
 
 import darkprune as dp
-from darkprune.cli import main
 from darkprune.detect import detect
 from darkprune.engine.network import OPENCV_BN_EPS, Network
+from conftest import ASSETS, ROOT, run_cli
 
 cv2 = pytest.importorskip("cv2")
-ROOT = Path(__file__).resolve().parents[1]
-ASSETS = ROOT.parent / "shared" / "assets"
 FASTEST = ASSETS / "models" / "yolo-fastest-1.1"
 DOG = ASSETS / "images" / "dog.jpg"
 
@@ -39,12 +37,6 @@ def fastest():
     if not (cfg.exists() and weights.exists() and DOG.exists()):
         pytest.skip("shared assets not present")
     return cfg, weights
-
-
-def run_cli(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def iou(a, b):

@@ -6,7 +6,6 @@ Darknet importer on the decompressed pair, the report's sizes against the file o
 """
 import gzip
 import os
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,9 +15,8 @@ from darkprune.compress.pipeline import (compress, compressible_layers, decompre
                                          read_compressed, resolve_layer_options)
 from darkprune.engine.network import OPENCV_BN_EPS, Network
 from darkprune.errors import DarkpruneError
+from conftest import ASSETS, ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
-ASSETS = ROOT.parent / "shared" / "assets"
 LENET = ASSETS / "models" / "mnist-lenet"
 MNIST = ASSETS / "mnist"
 

@@ -14,10 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from darkprune.cli import main
+from conftest import ASSETS, run_cli
 
 cv2 = pytest.importorskip("cv2")
-ASSETS = Path(__file__).resolve().parents[2] / "shared" / "assets"
 DARKNET_MAP50 = 0.328778  # `darknet detector map` on coco128 val2017 with yolo-fastest-1.1 (MANIFEST.md)
 
 
@@ -32,12 +31,6 @@ def asset(*parts) -> Path:
 def quiet(monkeypatch, tmp_path_factory):
     monkeypatch.setenv("DARKPRUNE_QUIET", "1")
     monkeypatch.setenv("DARKPRUNE_CACHE", str(tmp_path_factory.getbasetemp() / "eval-real-cache"))
-
-
-def run_cli(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_yolo_fastest_map_equals_darknet_detector_map(capsys):
