@@ -51,6 +51,20 @@ def test_maxpool_separate_strides():
     np.testing.assert_array_equal(out[0, 0], [[5, 7], [9, 11], [9, 11]])
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_maxpool_skips_nan_and_reads_the_padding_as_minus_flt_max(dtype):
+    # Darknet keeps `val > max` from max = -FLT_MAX: a NaN never wins (the comparison is false), -inf loses to the
+    # start value, and a window with nothing else gives -FLT_MAX. Size 2, stride 1, padding 1 (the extra cell
+    # right/bottom), as in yolov3-tiny; the stride-1 kernel and the kernel that records indices both follow it.
+    nan, inf = np.nan, np.inf
+    x = _img([[nan, 1, -inf], [nan, nan, -inf], [-inf, -inf, -inf]], dtype)
+    low = -pool.FLT_MAX
+    expected = [[1, 1, low], [low, low, low], [low, low, low]]
+    np.testing.assert_array_equal(pool.maxpool_forward(x, 2, 1, 1, 1)[0, 0], np.array(expected, dtype))
+    np.testing.assert_array_equal(pool.maxpool_forward(x, 2, 1, 1, 1, return_indices=True)[0][0, 0],
+                                  np.array(expected, dtype))
+
+
 def test_maxpool_ties_keep_the_first_cell():
     x = np.zeros((1, 1, 2, 2), np.float32)
     out, idx = pool.maxpool_forward(x, 2, 2, 2, 0, return_indices=True)

@@ -81,6 +81,11 @@ MAXPOOL_CASES = [
     (3, 1, None, 6, 7),
     (5, 1, None, 9, 8),    # SPP
     (9, 1, None, 10, 11),  # SPP
+    (9, 1, None, 80, 70),  # SPP on a plane large enough for the parallel kernel
+    (3, 1, 0, 6, 7),       # stride 1 without padding: the output shrinks
+    (3, 1, 1, 6, 7),       # stride 1, odd padding: all of it right/bottom
+    (4, 1, None, 7, 6),    # even size: padding 3 splits 1 left/top, 2 right/bottom
+    (5, 1, 2, 9, 8),
     (3, 2, None, 9, 8),    # even padding 2: one cell each side
     (3, 2, 0, 9, 8),
     (2, 2, 0, 9, 8),       # no padding, odd input: the last column dropped

@@ -257,8 +257,8 @@ def test_killed_analysis_resumes_without_redoing_finished_groups(fastest, images
 
     measured, evaluated, resumed = [], [], []
     evaluate_module = sys.modules["darkprune.evaluate"]
-    real_measure, real_evaluate = analysis._Measure.__call__, evaluate_module.evaluate
-    monkeypatch.setattr(analysis._Measure, "__call__",
+    real_measure, real_evaluate = analysis._Measure.submit, evaluate_module.evaluate
+    monkeypatch.setattr(analysis._Measure, "submit",
                         lambda self, *a, **k: measured.append(1) or real_measure(self, *a, **k))
     monkeypatch.setattr(evaluate_module, "evaluate", lambda *a, **k: evaluated.append(1) or real_evaluate(*a, **k))
     sens = analyze(fastest, images, rates=RATES, exclude=exclude, out_path=out, progress=False,

@@ -448,6 +448,59 @@ def _candidates_by_class(probs, valid):
     return counts, members
 
 
+@njit(cache=True, inline="always")
+def _suppresses(a, b, sl, sr, st, sb, sa, boxes, candidates, limit, kind, beta):
+    """Whether kept candidate `a` suppresses the later candidate `b` (box.c's test, in float32: IoU, then for the
+    DIoU kinds IoU minus the distance term, compared with the threshold)."""
+    w = min(sr[a], sr[b]) - max(sl[a], sl[b])
+    if w < 0:
+        return False
+    h = min(sb[a], sb[b]) - max(st[a], st[b])
+    if h < 0:
+        return False
+    inter = w * h
+    union = sa[a] + sa[b] - inter
+    if inter == 0 or union == 0:
+        return False
+    overlap = inter / union
+    if not overlap > limit:
+        return False
+    if kind == 1 or kind == 2:
+        i, j = candidates[a], candidates[b]
+        overlap = _box_diou(boxes[i, 0], boxes[i, 1], boxes[i, 2], boxes[i, 3],
+                            boxes[j, 0], boxes[j, 1], boxes[j, 2], boxes[j, 3], 0.6 if kind == 1 else beta)
+    return overlap > limit
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _suppress_later(a, m, sl, sr, st, sb, sa, boxes, candidates, limit, kind, beta, alive, hit):
+    """Kept candidate `a` against every later one: alive[b] = False where box.c's test says `a` suppresses `b`.
+
+    Written without branches over b, on slices indexed from 0 (numba then knows no index is negative), and with
+    numpy's error model (a float division cannot raise), so that the IoU test runs on vector lanes, about 20 times
+    faster than the pair-by-pair loop. The float32 expressions are `_suppresses`' (w < 0 or h < 0, a zero
+    intersection or union, and NaN all fail `overlap > limit` here as there). Dead candidates are tested too (a
+    dead one stays dead). The DIoU kinds then recompute, one pair at a time, the few pairs whose IoU passed."""
+    al, ar, at, ab, aa = sl[a], sr[a], st[a], sb[a], sa[a]
+    lo = a + 1
+    left, right, top, bottom, area = sl[lo:m], sr[lo:m], st[lo:m], sb[lo:m], sa[lo:m]
+    hits = hit[lo:m]
+    for j in range(m - lo):
+        w = min(ar, right[j]) - max(al, left[j])
+        h = min(ab, bottom[j]) - max(at, top[j])
+        inter = w * h
+        union = aa + area[j] - inter
+        overlap = inter / union
+        hits[j] = (w >= 0) & (h >= 0) & (inter != 0) & (union != 0) & (overlap > limit)
+    later = alive[lo:m]
+    if kind == 1 or kind == 2:
+        for j in range(m - lo):
+            if hits[j] and later[j]:
+                hits[j] = _suppresses(a, lo + j, sl, sr, st, sb, sa, boxes, candidates, limit, kind, beta)
+    for j in range(m - lo):
+        later[j] = later[j] and not hits[j]
+
+
 @njit(cache=True, nogil=True)
 def _nms_kernel(boxes, probs, objectness, thresh, kind, beta):
     """Per class: sort by probability, zero the probability of every later box that overlaps a kept one.
@@ -474,6 +527,7 @@ def _nms_kernel(boxes, probs, objectness, thresh, kind, beta):
     sb = np.empty(n, np.float32)
     sa = np.empty(n, np.float32)
     alive = np.empty(n, np.bool_)
+    hit = np.empty(n, np.bool_)
     for k in range(classes):
         m = counts[k + 1] - counts[k]
         if m < 2:
@@ -503,32 +557,8 @@ def _nms_kernel(boxes, probs, objectness, thresh, kind, beta):
             sl[a], sr[a], st[a], sb[a], sa[a] = left[i], right[i], top[i], bottom[i], area[i]
             alive[a] = True
         for a in range(m):
-            if not alive[a]:
-                continue
-            al, ar, at, ab, aa = sl[a], sr[a], st[a], sb[a], sa[a]
-            for b in range(a + 1, m):
-                if not alive[b]:
-                    continue
-                w = min(ar, sr[b]) - max(al, sl[b])
-                if w < 0:
-                    continue
-                h = min(ab, sb[b]) - max(at, st[b])
-                if h < 0:
-                    continue
-                inter = w * h
-                union = aa + sa[b] - inter
-                if inter == 0 or union == 0:
-                    continue
-                overlap = inter / union
-                if not overlap > limit:
-                    continue
-                if kind == 1 or kind == 2:
-                    i, j = candidates[a], candidates[b]
-                    overlap = _box_diou(boxes[i, 0], boxes[i, 1], boxes[i, 2], boxes[i, 3],
-                                        boxes[j, 0], boxes[j, 1], boxes[j, 2], boxes[j, 3],
-                                        0.6 if kind == 1 else beta)
-                if overlap > limit:
-                    alive[b] = False
+            if alive[a]:
+                _suppress_later(a, m, sl, sr, st, sb, sa, boxes, candidates, limit, kind, beta, alive, hit)
         for a in range(m):
             if not alive[a]:
                 probs[candidates[a], k] = 0

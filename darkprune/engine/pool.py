@@ -12,6 +12,7 @@ Every function works on float32 or float64 NCHW C-contiguous arrays (numba compi
 Backward functions return dL/dinput given dL/doutput.
 """
 import numpy as np
+import numba
 from numba import njit, prange
 
 FLT_MAX = 3.4028234663852886e38  # C's FLT_MAX: Darknet's value for out-of-image maxpool reads
@@ -133,6 +134,82 @@ def _maxpool_plane_separable(xp, op, rows, size, sx, sy, off):
                 orow[j] = v if v > o else o
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _maxpool_plane_flat_s1(xp, op, size, off, buf):
+    """Stride 1, inference only: the plane padded with -FLT_MAX (what Darknet's skipped cells amount to) into
+    buf, then the maxima over window columns and over window rows each as one flat run over the padded width
+    (positions past a row's output columns are computed and dropped): long loops indexed from 0 that vectorise,
+    where the row-by-row kernels spend their time in loop overhead on the small planes of an SPP block. Each max
+    is `v if v > m else m` from -FLT_MAX, so a NaN is skipped as Darknet skips it, and the result does not depend
+    on the order the window is visited in."""
+    h, w = xp.shape
+    oh, ow = op.shape
+    hp = oh + size - 1
+    wp = ow + size - 1
+    low = -FLT_MAX
+    padded = buf[:hp * wp]
+    left = -off
+    for rr in range(hp):
+        r = rr + off
+        row = padded[rr * wp:(rr + 1) * wp]
+        if r < 0 or r >= h:
+            for q in range(wp):
+                row[q] = low
+            continue
+        for q in range(left):
+            row[q] = low
+        inner = row[left:]
+        src = xp[r]
+        for q in range(w):
+            inner[q] = src[q]
+        tail = row[left + w:]
+        for q in range(tail.size):
+            tail[q] = low
+    n1 = (hp - 1) * wp + ow            # row maxima at every padded row, valid at columns < ow
+    rows = buf[hp * wp:hp * wp + n1]
+    for i in range(n1):
+        rows[i] = low
+    for m in range(size):
+        src = padded[m:m + n1]
+        for i in range(n1):
+            v = src[i]
+            o = rows[i]
+            rows[i] = v if v > o else o
+    n2 = (oh - 1) * wp + ow
+    cols = buf[:n2]                    # the padded plane is no longer needed
+    for i in range(n2):
+        cols[i] = low
+    for n in range(size):
+        src = rows[n * wp:n * wp + n2]
+        for i in range(n2):
+            v = src[i]
+            o = cols[i]
+            cols[i] = v if v > o else o
+    for oy in range(oh):
+        dst = op[oy]
+        src = cols[oy * wp:]
+        for ox in range(ow):
+            dst[ox] = src[ox]
+
+
+@njit(cache=True, nogil=True)
+def _maxpool_s1_serial(x, out, size, pad, buf):
+    n_batch, channels = x.shape[0], x.shape[1]
+    off = -(pad // 2)
+    for bc in range(n_batch * channels):
+        _maxpool_plane_flat_s1(x[bc // channels, bc % channels], out[bc // channels, bc % channels], size, off,
+                               buf[0])
+
+
+@njit(cache=True, parallel=True, nogil=True)
+def _maxpool_s1_parallel(x, out, size, pad, buf):
+    n_batch, channels = x.shape[0], x.shape[1]
+    off = -(pad // 2)
+    for bc in prange(n_batch * channels):
+        _maxpool_plane_flat_s1(x[bc // channels, bc % channels], out[bc // channels, bc % channels], size, off,
+                               buf[numba.get_thread_id()])
+
+
 @njit(cache=True, nogil=True)
 def _maxpool_serial(x, out, idx, size, sx, sy, pad, want_idx):
     n_batch, channels, h, w = x.shape
@@ -214,8 +291,14 @@ def maxpool_forward(x: np.ndarray, size: int, stride_x: int, stride_y: int, padd
         raise ValueError(f"maxpool: a {w}x{h} input is too small for size={size}, padding={padding}")
     out = _output(out, (n, c, out_h, out_w), x.dtype, "maxpool")
     idx = _index_array(x, out.shape, return_indices, (1, 1, 1, 1))
-    kernel = _maxpool_parallel if out.size * size * size >= PARALLEL_MIN_WORK else _maxpool_serial
-    kernel(x, out, idx, size, stride_x, stride_y, padding, return_indices)
+    parallel = out.size * size * size >= PARALLEL_MIN_WORK
+    if stride_x == stride_y == 1 and size >= 2 and not return_indices:
+        threads = numba.get_num_threads() if parallel else 1
+        buf = np.empty((threads, 2 * (out_h + size - 1) * (out_w + size - 1)), x.dtype)
+        (_maxpool_s1_parallel if parallel else _maxpool_s1_serial)(x, out, size, padding, buf)
+    else:
+        kernel = _maxpool_parallel if parallel else _maxpool_serial
+        kernel(x, out, idx, size, stride_x, stride_y, padding, return_indices)
     return (out, idx) if return_indices else out
 
 

@@ -28,7 +28,7 @@ import os
 import sys
 import time
 import warnings
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -485,7 +485,12 @@ class _Measure:
     evaluate() also computes mAP@0.5:0.95 (ten IoU thresholds) and per-class tables the analysis does not use; for
     detectors we run the same steps (the same cached inputs, decode_image at `detector map`'s threshold and NMS, the
     same DetectionEvaluator) with only the IoU threshold 0.5. The tests check that the figure equals evaluate()'s.
-    Classifiers go through evaluate() itself."""
+    Classifiers go through evaluate() itself.
+
+    Decoding and scoring run on a second thread, one batch behind the network: the kernels release the GIL, and the
+    small late layers a prefix-cached run consists of mostly leave a core idle. `submit` returns a Future of the
+    metric as soon as the variant's last batch has gone through the network, so the last batch of one variant is
+    scored while the first batch of the next one runs."""
 
     def __init__(self, network: Network, dataset, metric: str, batch: int, cache_dir):
         from ..detect import detection_heads
@@ -498,6 +503,7 @@ class _Measure:
             self.heads[-1][1].classes == dataset.classes
         self.entry = None
         self.scorer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="darkprune-score")
+        self.pending: Future | None = None        # the task last handed to the scorer
         if self.lean:
             from ..data import cached_inputs
             # opened once: batches are handed on as views of the memory map, so a run served from the frontier
@@ -508,12 +514,22 @@ class _Measure:
     def close(self) -> None:
         self.scorer.shutdown(wait=True)
 
-    def __call__(self, network: Network, forward=None) -> float:
+    def _hand_over(self, task, *args) -> Future:
+        """Queue `task` on the scorer once the task before it is done: at most one batch waits there, so memory
+        stays one batch of head outputs, and a failure surfaces at the next hand-over."""
+        if self.pending is not None:
+            self.pending.result()
+        self.pending = self.scorer.submit(task, *args)
+        return self.pending
+
+    def submit(self, network: Network, forward=None) -> Future:
+        """The variant's metric, as a Future (already resolved for classifiers)."""
         from ..evaluate import MAP_NMS, MAP_THRESH, evaluate
         if not self.lean:
-            result = evaluate(None, self.dataset, network=network, forward=forward, progress=False,
-                              batch=self.batch, cache_dir=self.cache_dir)
-            return float(result[self.metric])
+            result = Future()
+            result.set_result(float(evaluate(None, self.dataset, network=network, forward=forward, progress=False,
+                                             batch=self.batch, cache_dir=self.cache_dir)[self.metric]))
+            return result
         from ..engine.decode import decode_image
         from ..metrics import DetectionEvaluator
         run = forward or network.forward
@@ -527,18 +543,11 @@ class _Measure:
                                     nms_thresh=MAP_NMS, letterbox=self.letterbox)
                 evaluator.add(dets, dataset.boxes[start + i])
 
-        # A batch is decoded and scored on a second thread while the next one runs through the network: the kernels
-        # release the GIL, and the small late layers a prefix-cached run consists of mostly leave a core idle. One
-        # batch at a time, in order, so the evaluator sees the images as evaluate() does.
-        pending = None
+        # one task per batch, in order (the scorer has one thread), so the evaluator sees the images as evaluate()
+        # does; the metric is computed by one more task after them
         for start, stop, inputs, sizes in self.entry.batches(self.batch):
-            outputs = run(inputs)
-            if pending is not None:
-                pending.result()
-            pending = self.scorer.submit(score, start, stop, outputs, sizes)
-        if pending is not None:
-            pending.result()
-        return float(evaluator.result(0)["map50"])
+            self._hand_over(score, start, stop, run(inputs), sizes)
+        return self._hand_over(lambda: float(evaluator.result(0)["map50"]))
 
 
 def _zeroed(x: np.ndarray, channels: np.ndarray) -> np.ndarray:
@@ -630,7 +639,7 @@ def analyze(model: Model, data, rates=DEFAULT_RATES, criterion: str = "l1", limi
             scores = channel_scores(model, group, criterion)
             if prefix_cache:
                 prefix.advance(position, batch)
-            curve = {}
+            futures = {}
             for rate in rates:
                 chans = channels_to_prune(scores, rate, divisible)
                 variant = network.variant(masked_overrides(model, group, chans))
@@ -638,9 +647,11 @@ def analyze(model: Model, data, rates=DEFAULT_RATES, criterion: str = "l1", limi
                 if prefix_cache:
                     zero = _zero_positions(grouping, group, chans, prefix.need(position), zeroed_layers)
                     forward = prefix.runner(variant, position, zero)
-                curve[rate] = measure(variant, forward)
+                futures[rate] = measure.submit(variant, forward)
                 bar.update(1)
-                bar.set_postfix_str(f"group {group.id} rate {rate:g}: {metric} {curve[rate]:.4f}")
+                _show_done(bar, group.id, futures, metric)
+            curve = {rate: future.result() for rate, future in futures.items()}
+            _show_done(bar, group.id, futures, metric)
             sens.curves[group.id] = curve
             sens.groups[group.id] = {"members": [model.graph[m].name for m in group.members],
                                      "channels": int(group.channels)}
@@ -653,6 +664,15 @@ def analyze(model: Model, data, rates=DEFAULT_RATES, criterion: str = "l1", limi
         bar.close()
         measure.close()
     return sens
+
+
+def _show_done(bar, group_id: int, futures: dict, metric: str) -> None:
+    """The progress bar's note: the last finished variant of this group (the newest one is usually still being
+    scored)."""
+    done = [rate for rate, future in futures.items() if future.done() and future.exception() is None]
+    if done:
+        rate = done[-1]
+        bar.set_postfix_str(f"group {group_id} rate {rate:g}: {metric} {futures[rate].result():.4f}")
 
 
 def _zero_positions(grouping: Grouping, group: Group, chans: np.ndarray, need: list[int],
