@@ -4,7 +4,7 @@
         [--repeats 2] [--json]
 
 Defaults: the bundled Yolo-Fastest 1.1 on the first 32 of the bundled coco128 val2017 images, at `darkprune ana`'s
-default rates (0.1 to 0.9: nine evaluations per group), about 3.5 minutes on 2 cores.
+default rates (0.1 to 0.9: nine evaluations per group), about 3 minutes on 2 cores.
 Both runs evaluate every group at every rate; with the cache only the layers from each group's divergence layer on
 are recomputed (see darkprune/prune/analysis.py). The two runs alternate `--repeats` times (with, without, with,
 ...) and the fastest of each counts, so that the load of other processes on a shared machine hits both alike.
