@@ -46,9 +46,10 @@ from pathlib import Path
 import numpy as np
 
 from darkprune.compress.dcz import format_size_report, read_dcz, write_dcz
-from darkprune.compress.kmeans import INITS, CentroidFinetuner, share_weights
+from darkprune.compress.kmeans import INITS, share_weights
 from darkprune.compress.magnitude import (DEFAULT_CLUSTERS, DEFAULT_INDEX_BITS, PruneStep, apply_mask,
                                           format_schedule, magnitude_mask, parse_schedule, validate_schedule)
+from darkprune.compress.training import Trainer
 from darkprune.darknet.cfg import atomic_write_bytes, parse_cfg_text
 from darkprune.darknet.graph import build_graph
 from darkprune.darknet.model import Model
@@ -334,6 +335,62 @@ def compress(model: Model, sparsity: dict | None = None, clusters: dict | None =
     started = time.perf_counter()
     say = log if log is not None else ((lambda text: print(text, file=sys.stderr, flush=True))
                                        if progress else (lambda text: None))
+    _check_options(init, centroid_gradient, finetune_iters, centroid_iters)
+    model = model.copy()
+    layers, ratios, ks, bits, steps = _layer_options(model, sparsity, clusters, index_bits, schedule,
+                                                     int(finetune_iters))
+    wants_training = int(finetune_iters) > 0 or int(centroid_iters) > 0 or any(it > 0 for _, it in steps)
+    if wants_training and data is None and train_data is None:
+        raise DarkpruneError("finetuning needs training data: give data (a .data file) or set the iterations to 0")
+    ws = Path(workspace) if workspace is not None else None
+    if ws is not None:
+        try:
+            ws.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise DarkpruneError(f"{ws}: cannot create the workspace ({exc.strerror})") from None
+    if out is None and ws is not None:
+        out = ws / "model.dcz"
+    config = _run_config(model, layers, ratios, ks, bits, steps, data, finetune_iters=int(finetune_iters),
+                         centroid_iters=int(centroid_iters), init=init, seed=int(seed), finetune_lr=finetune_lr,
+                         centroid_lr=centroid_lr, centroid_gradient=centroid_gradient, batch=batch,
+                         eval_limit=eval_limit, remove_dead=bool(remove_dead),
+                         strip_cfg_comments=bool(strip_cfg_comments))
+    if ws is not None:
+        _write_text(ws / "config.txt", _config_text(config))
+
+    evaluator = _Evaluator(model, _split(data, "valid"), eval_limit, progress)
+    trainer = None
+    if wants_training:
+        trainer = Trainer(model, train_data if train_data is not None else _split(data, "train"), seed=seed,
+                          batch=batch, progress=progress)
+    run = _Stages(model, layers, evaluator, trainer, say)
+    run.measure("original")
+    masks = run.prune(steps, remove_dead, evaluate_steps, finetune_lr)
+    if ws is not None:
+        np.savez_compressed(ws / "masks.npz", **{layers[i].name: m for i, m in masks.items()})
+        model.save(ws / "pruned.cfg", ws / "pruned.weights")
+    codebooks = run.share(masks, ks, bits, init, int(seed))
+    if int(centroid_iters) > 0:
+        rate = centroid_lr if centroid_lr is not None else (
+            finetune_lr if finetune_lr is not None else trainer.base_lr / 10) / 10
+        run.finetune_centroids(codebooks, int(centroid_iters), rate, centroid_gradient)
+    for index, spec in codebooks.items():  # the model holds exactly what the file will hold
+        if not np.array_equal(model.params[index]["weights"], _dense(spec)):
+            raise AssertionError(f"layer {layers[index].name}: weights drifted from the codebook")
+
+    report = _write_file(model, codebooks, out, strip_cfg_comments)
+    final = run.accuracy.get("centroids finetuned", run.accuracy.get("quantized"))
+    report.update(metric=run.evaluator.metric, accuracy={
+        "before": run.accuracy.get("original"), "after": final, **run.accuracy}, history=run.history, config=config,
+        seconds=round(time.perf_counter() - started, 2))
+    if ws is not None:
+        model.save(ws / "quantized.cfg", ws / "quantized.weights")
+        write_json(ws / "report.json", report)
+    return CompressResult(model=model, masks=masks, codebooks=codebooks, report=report,
+                          path=None if out is None else str(out), history=run.history)
+
+
+def _check_options(init: str, centroid_gradient: str, finetune_iters, centroid_iters) -> None:
     if init not in INITS:
         raise DarkpruneError(f"unknown k-means initialisation {init!r} (choose from {', '.join(INITS)})")
     if centroid_gradient not in CENTROID_GRADIENTS:
@@ -341,7 +398,24 @@ def compress(model: Model, sparsity: dict | None = None, clusters: dict | None =
     for name, value in (("finetune_iters", finetune_iters), ("centroid_iters", centroid_iters)):
         if int(value) < 0:
             raise DarkpruneError(f"{name} must be >= 0, not {value}")
-    model = model.copy()
+
+
+def _run_config(model, layers: dict, ratios: dict, ks: dict, bits: dict, steps, data, **settings) -> dict:
+    """The run's settings by layer name (report.json's "config", config.txt)."""
+    return {
+        "sparsity": {layers[i].name: r for i, r in ratios.items() if r},
+        "clusters": {layers[i].name: int(k) for i, k in ks.items()},
+        "index_bits": {layers[i].name: b if b == AUTO else int(b) for i, b in bits.items()},
+        "schedule": format_schedule([PruneStep({layers[i].name: r for i, r in rs.items()}, it) for rs, it in steps]),
+        **settings,
+        "files": {"cfg": model.cfg_path, "weights": model.weights_path,
+                  "data": str(data) if isinstance(data, (str, os.PathLike)) else None},
+    }
+
+
+def _layer_options(model, sparsity, clusters, index_bits, schedule, finetune_iters: int):
+    """({index: layer}, {index: target sparsity}, {index: clusters}, {index: index bits or AUTO}, the schedule's
+    steps), all checked."""
     layers = {layer.index: layer for layer in compressible_layers(model)}
     if not layers:
         raise DarkpruneError(f"{model.cfg.path or 'the model'}: no convolutional or connected layer with weights "
@@ -361,7 +435,7 @@ def compress(model: Model, sparsity: dict | None = None, clusters: dict | None =
             bits[index] = AUTO
         elif isinstance(b, bool) or not isinstance(b, (int, np.integer)) or not 1 <= b <= 16:
             raise DarkpruneError(f"index_bits: {layers[index].name}: index bits {b} is outside [1, 16] (or auto)")
-    steps = _resolve_schedule(model, schedule, sparsity, ratios, int(finetune_iters))
+    steps = _resolve_schedule(model, schedule, sparsity, ratios, finetune_iters)
     reached: dict[int, float] = {}
     for step_ratios, _ in steps:
         reached.update(step_ratios)
@@ -373,103 +447,74 @@ def compress(model: Model, sparsity: dict | None = None, clusters: dict | None =
             else:
                 raise DarkpruneError(f"schedule: it takes {layers[index].name} to {reached.get(index, 0.0):g}, the "
                                      f"sparsity asks for {ratio:g}")
-    wants_training = int(finetune_iters) > 0 or int(centroid_iters) > 0 or any(it > 0 for _, it in steps)
-    if wants_training and data is None and train_data is None:
-        raise DarkpruneError("finetuning needs training data: give data (a .data file) or set the iterations to 0")
-    ws = Path(workspace) if workspace is not None else None
-    if ws is not None:
-        try:
-            ws.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise DarkpruneError(f"{ws}: cannot create the workspace ({exc.strerror})") from None
-    if out is None and ws is not None:
-        out = ws / "model.dcz"
-    config = {
-        "sparsity": {layers[i].name: r for i, r in ratios.items() if r},
-        "clusters": {layers[i].name: int(k) for i, k in ks.items()},
-        "index_bits": {layers[i].name: b if b == AUTO else int(b) for i, b in bits.items()},
-        "schedule": format_schedule([PruneStep({layers[i].name: r for i, r in rs.items()}, it) for rs, it in steps]),
-        "finetune_iters": int(finetune_iters), "centroid_iters": int(centroid_iters), "init": init, "seed": int(seed),
-        "finetune_lr": finetune_lr, "centroid_lr": centroid_lr, "centroid_gradient": centroid_gradient,
-        "batch": batch, "eval_limit": eval_limit, "remove_dead": bool(remove_dead),
-        "strip_cfg_comments": bool(strip_cfg_comments),
-        "files": {"cfg": model.cfg_path, "weights": model.weights_path,
-                  "data": str(data) if isinstance(data, (str, os.PathLike)) else None},
-    }
-    if ws is not None:
-        _write_text(ws / "config.txt", _config_text(config))
+    return layers, ratios, ks, bits, steps
 
-    evaluator = _Evaluator(model, _split(data, "valid"), eval_limit, progress)
-    trainer = None
-    if wants_training:
-        trainer = _Trainer(model, train_data if train_data is not None else _split(data, "train"), seed=seed,
-                           batch=batch, progress=progress)
-    accuracy: dict = {}
-    history: list = []
 
-    def measure(stage: str):
-        value = evaluator(model)
+class _Stages:
+    """The compression stages on one model (changed in place), with the accuracy after each and the history."""
+
+    def __init__(self, model, layers: dict, evaluator: _Evaluator, trainer, say):
+        self.model, self.layers, self.evaluator, self.trainer, self.say = model, layers, evaluator, trainer, say
+        self.accuracy: dict = {}
+        self.history: list = []
+
+    def measure(self, stage: str):
+        value = self.evaluator(self.model)
         if value is not None:
-            accuracy[stage] = value
-            say(f"{stage}: {evaluator.metric} {value:.4f}")
+            self.accuracy[stage] = value
+            self.say(f"{stage}: {self.evaluator.metric} {value:.4f}")
         return value
 
-    measure("original")
-
-    # -- 1. pruning ---------------------------------------------------------------------------------------------
-    masks = {index: np.ones(model.params[index]["weights"].shape, dtype=bool) for index in layers}
-    for number, (step_ratios, iters) in enumerate(steps, start=1):
-        for index, ratio in step_ratios.items():
-            weights = model.params[index]["weights"]
-            masks[index] = magnitude_mask(weights, ratio, masks[index])
-            model.params[index]["weights"] = apply_mask(weights, masks[index])
-        entry = {"step": number, "ratios": {layers[i].name: r for i, r in step_ratios.items()},
-                 "finetune_iters": iters}
-        say(f"pruning step {number}/{len(steps)}: " + ", ".join(f"{layers[i].name}={r:g}"
-                                                                for i, r in step_ratios.items()))
-        if remove_dead:
-            dead = remove_dead_weights(model, masks)
-            entry["dead_removed"] = {layers[i].name: n for i, n in dead.items()}
-            if dead:
-                say(f"pruning step {number}: also removed the weights of dead neurons: "
-                    + ", ".join(f"{layers[i].name} {n}" for i, n in dead.items()))
-        if evaluate_steps:
-            entry["pruned"] = measure(f"step {number} pruned")
-        if iters > 0:
-            stats = trainer.finetune(model, masks, iters, lr=finetune_lr)
-            entry["finetune"] = stats
-            entry["revived"] = _hold_masks(model, masks)
+    def prune(self, steps, remove_dead: bool, evaluate_steps: bool, finetune_lr) -> dict:
+        """1. Magnitude pruning by the schedule's steps, each followed by its finetuning; returns the masks."""
+        model, names = self.model, {i: layer.name for i, layer in self.layers.items()}
+        masks = {index: np.ones(model.params[index]["weights"].shape, dtype=bool) for index in self.layers}
+        for number, (step_ratios, iters) in enumerate(steps, start=1):
+            for index, ratio in step_ratios.items():
+                weights = model.params[index]["weights"]
+                masks[index] = magnitude_mask(weights, ratio, masks[index])
+                model.params[index]["weights"] = apply_mask(weights, masks[index])
+            entry = {"step": number, "ratios": {names[i]: r for i, r in step_ratios.items()}, "finetune_iters": iters}
+            self.say(f"pruning step {number}/{len(steps)}: " + ", ".join(f"{names[i]}={r:g}"
+                                                                         for i, r in step_ratios.items()))
+            if remove_dead:
+                dead = remove_dead_weights(model, masks)
+                entry["dead_removed"] = {names[i]: n for i, n in dead.items()}
+                if dead:
+                    self.say(f"pruning step {number}: also removed the weights of dead neurons: "
+                             + ", ".join(f"{names[i]} {n}" for i, n in dead.items()))
             if evaluate_steps:
-                entry["finetuned"] = measure(f"step {number} finetuned")
-        history.append(entry)
-    measure("pruned")
-    if ws is not None:
-        np.savez_compressed(ws / "masks.npz", **{layers[i].name: m for i, m in masks.items()})
-        model.save(ws / "pruned.cfg", ws / "pruned.weights")
+                entry["pruned"] = self.measure(f"step {number} pruned")
+            if iters > 0:
+                entry["finetune"] = self.trainer.finetune(model, masks, iters, lr=finetune_lr)
+                entry["revived"] = _hold_masks(model, masks)
+                if evaluate_steps:
+                    entry["finetuned"] = self.measure(f"step {number} finetuned")
+            self.history.append(entry)
+        self.measure("pruned")
+        return masks
 
-    # -- 2. weight sharing --------------------------------------------------------------------------------------
-    codebooks = {}
-    for index, layer in layers.items():
-        codebook, labels, quantized = share_weights(model.params[index]["weights"], masks[index], int(ks[index]),
-                                                    init=init, seed=int(seed))
-        model.params[index]["weights"] = quantized
-        width = best_index_bits(masks[index], labels) if bits[index] == AUTO else int(bits[index])
-        codebooks[index] = {"codebook": codebook, "labels": labels, "mask": masks[index], "index_bits": width}
-    measure("quantized")
+    def share(self, masks: dict, ks: dict, bits: dict, init: str, seed: int) -> dict:
+        """2. Per layer, k-means over the surviving weights; every survivor becomes its centroid."""
+        codebooks = {}
+        for index in self.layers:
+            codebook, labels, quantized = share_weights(self.model.params[index]["weights"], masks[index],
+                                                        int(ks[index]), init=init, seed=seed)
+            self.model.params[index]["weights"] = quantized
+            width = best_index_bits(masks[index], labels) if bits[index] == AUTO else int(bits[index])
+            codebooks[index] = {"codebook": codebook, "labels": labels, "mask": masks[index], "index_bits": width}
+        self.measure("quantized")
+        return codebooks
 
-    # -- 3. centroid finetuning ---------------------------------------------------------------------------------
-    if int(centroid_iters) > 0:
-        rate = centroid_lr if centroid_lr is not None else (
-            finetune_lr if finetune_lr is not None else trainer.base_lr / 10) / 10
-        stats = trainer.finetune_centroids(model, codebooks, int(centroid_iters), lr=rate,
-                                           reduce=centroid_gradient)
-        history.append({"centroid_finetune": stats})
-        measure("centroids finetuned")
-    for index, spec in codebooks.items():  # the model holds exactly what the file will hold
-        if not np.array_equal(model.params[index]["weights"], _dense(spec)):
-            raise AssertionError(f"layer {layers[index].name}: weights drifted from the codebook")
+    def finetune_centroids(self, codebooks: dict, iters: int, rate: float, reduce: str) -> None:
+        """3. Centroid finetuning (see compress.training)."""
+        stats = self.trainer.finetune_centroids(self.model, codebooks, iters, lr=rate, reduce=reduce)
+        self.history.append({"centroid_finetune": stats})
+        self.measure("centroids finetuned")
 
-    # -- 4. the file --------------------------------------------------------------------------------------------
+
+def _write_file(model, codebooks: dict, out, strip_cfg_comments: bool) -> dict:
+    """4. The `.dcz` (checked to decode bit for bit) or, without `out`, only its size report."""
     dcz_layers = dcz_layer_list(model, codebooks)
     cfg_text = cfg_without_comments(model.cfg.text()) if strip_cfg_comments else model.cfg.text()
     if out is not None:
@@ -491,15 +536,7 @@ def compress(model: Model, sparsity: dict | None = None, clusters: dict | None =
     total = report["total"]
     total["weights_file_bytes"] = weights_file
     total["ratio_weights_file"] = weights_file / total["bytes_after"]
-    final = accuracy.get("centroids finetuned", accuracy.get("quantized"))
-    report.update(metric=evaluator.metric, accuracy={
-        "before": accuracy.get("original"), "after": final, **accuracy}, history=history, config=config,
-        seconds=round(time.perf_counter() - started, 2))
-    if ws is not None:
-        model.save(ws / "quantized.cfg", ws / "quantized.weights")
-        write_json(ws / "report.json", report)
-    return CompressResult(model=model, masks=masks, codebooks=codebooks, report=report,
-                          path=None if out is None else str(out), history=history)
+    return report
 
 
 def cfg_without_comments(text: str) -> str:
@@ -648,129 +685,3 @@ def _config_text(config: dict) -> str:
 
 def _write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
-
-
-# ---------------------------------------------------------------------------------------------------------- training
-
-class _Trainer:
-    """Training for the pipeline: finetuning with fine-grained masks held (darkprune.train.finetune), and centroid
-    finetuning (TrainingNetwork's gradients into each layer's CentroidFinetuner; everything else by DarknetSGD).
-
-    Optimiser settings come from the cfg's [net] (batch/subdivisions, momentum, decay); the learning rate is the
-    given one on the cfg's policy compressed to the iteration count (finetune_schedule). Each training run draws its
-    own batches: the seed is (seed, run number)."""
-
-    def __init__(self, model, data, seed: int = 0, batch: int | None = None, progress: bool = True):
-        if data is None:
-            raise DarkpruneError("finetuning needs training data (a .data file with a train= list)")
-        self.data = data
-        self.seed = int(seed)
-        self.batch = batch
-        self.progress = progress
-        self.runs = 0
-        self.base_lr = float(model.graph.cfg.net.get_float("learning_rate", 0.001))
-
-    def _next_seed(self) -> int:
-        self.runs += 1
-        return self.seed * 1000 + self.runs
-
-    def finetune(self, model, masks, iters: int, lr: float | None = None) -> dict:
-        from darkprune.train.finetune import finetune
-        rate = self.base_lr / 10 if lr is None else float(lr)
-        fine = {index: {"weights": mask} for index, mask in masks.items()}
-        result = finetune(model, self.data, iters=int(iters), masks=fine, batch=self.batch, learning_rate=rate,
-                          seed=self._next_seed(), progress=self.progress, keep="last")
-        return {"iterations": result.iterations, "learning_rate": rate, "seconds": round(result.seconds, 2),
-                "final_avg_loss": result.avg_losses[-1] if result.avg_losses else None}
-
-    def finetune_centroids(self, model, codebooks: dict, iters: int, lr: float | None = None,
-                           reduce: str = "sum") -> dict:
-        """Trains the codebooks (labels and masks fixed) and every other trainable array for `iters` iterations;
-        updates `codebooks` and the model's weights in place."""
-        from tqdm import tqdm
-
-        from darkprune.engine.batchnorm import DARKNET_MOMENTUM
-        from darkprune.evaluate import progress_enabled
-        from darkprune.train import losses
-        from darkprune.train.backprop import TrainingNetwork, trainable_parameters
-        from darkprune.train.finetune import BatchFeeder, finetune_schedule
-        from darkprune.train.optimizer import DarknetSGD
-
-        graph = model.graph
-        net_opts = graph.net
-        subdivisions = max(1, int(net_opts["subdivisions"]))
-        full_batch = int(self.batch if self.batch is not None else net_opts["batch"])
-        mini_batch = max(1, full_batch // subdivisions)
-        full_batch = mini_batch * subdivisions
-        rate = self.base_lr / 100 if lr is None else float(lr)
-        seed = self._next_seed()
-        dataset = self.data
-        if isinstance(dataset, (str, os.PathLike)):
-            from darkprune.data import load_data
-            dataset = load_data(dataset, split="train")
-
-        net = TrainingNetwork(model, np.float32, DARKNET_MOMENTUM, seed)
-        opt = DarknetSGD.from_cfg(graph)
-        opt.batch = full_batch
-        for index, name, decayed in trainable_parameters(model):
-            if name == "weights" and index in codebooks:
-                continue
-            opt.add(f"{index}/{name}", model.params[index][name], decay=decayed,
-                    lr_scale=graph[index].section.get_float("learning_rate", 1.0))
-        finetuners, scales = {}, {}
-        for index, spec in codebooks.items():
-            finetuners[index] = CentroidFinetuner(spec["codebook"], spec["labels"], spec["mask"], lr=rate,
-                                                  momentum=opt.momentum)
-            if reduce == "mean":
-                counts = np.bincount(spec["labels"].ravel(), minlength=spec["codebook"].size).astype(np.float32)
-                scale = np.zeros(spec["mask"].shape, np.float32)
-                scale[spec["mask"]] = 1.0 / counts[spec["labels"].ravel()]
-                scales[index] = scale
-        schedule = finetune_schedule(graph, int(iters), rate)
-        feeder = BatchFeeder(dataset, graph, mini_batch, seed)
-        show = progress_enabled(self.progress)
-        bar = tqdm(total=int(iters), desc="centroids", unit="it", file=sys.stderr, disable=not show, leave=False)
-        avg_loss = None
-        started = time.perf_counter()
-        seen = 0
-        try:
-            for k in range(1, int(iters) + 1):
-                weight_grads = {index: np.zeros(spec["mask"].shape, np.float32) for index, spec in codebooks.items()}
-                costs = []
-                for sub in range(subdivisions):
-                    following = (k, sub + 1) if sub + 1 < subdivisions else ((k + 1, 0) if k < iters else None)
-                    batch = feeder.get(k, sub, following)
-                    seen += mini_batch
-                    out = net.loss_and_gradients(batch, rng=np.random.default_rng([seed, k, sub, 1]), seen=seen,
-                                                 iteration=k)
-                    for index, arrays in net.gradients().items():
-                        for name, grad in arrays.items():
-                            if name == "weights" and index in finetuners:
-                                weight_grads[index] += grad
-                            else:
-                                opt.accumulate(f"{index}/{name}", grad)
-                    costs.append(out.cost)
-                step_rate = schedule.rate(k, np.random.default_rng([seed, k, 2]))
-                opt.update(step_rate, t=k)
-                for index, finetuner in finetuners.items():
-                    weights = model.params[index]["weights"]
-                    # Darknet's weight decay, as the gradient of the shared weights would carry it.
-                    grads = weight_grads[index] + np.float32(opt.decay * full_batch) * weights
-                    if index in scales:
-                        grads *= scales[index]
-                    weights[...] = finetuner.step(grads, lr=step_rate / full_batch)
-                loss = losses.train_loss(costs, mini_batch)
-                if not math.isfinite(loss):
-                    raise DarkpruneError(f"centroid finetuning, iteration {k}: the loss is {loss}: training "
-                                         f"diverged (lower the centroid learning rate: it was {step_rate:g})")
-                avg_loss = losses.update_avg_loss(avg_loss, loss)
-                bar.update(1)
-                bar.set_postfix_str(f"loss {loss:.3f} avg {avg_loss:.3f} lr {step_rate:.3g}", refresh=False)
-        finally:
-            bar.close()
-            feeder.close()
-        for index, finetuner in finetuners.items():
-            codebooks[index]["codebook"] = finetuner.codebook.copy()
-        model.header.seen += seen
-        return {"iterations": int(iters), "learning_rate": rate, "gradient": reduce,
-                "seconds": round(time.perf_counter() - started, 2), "final_avg_loss": avg_loss}

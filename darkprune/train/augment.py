@@ -35,7 +35,7 @@ Input images are what darkprune.data.load_image gives: uint8 BGR (H, W, 3) or gr
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import cv2
 import numpy as np
@@ -65,16 +65,28 @@ def _to_chw_rgb(img: np.ndarray) -> np.ndarray:
 # detection
 
 @dataclass
-class DetectionParams:
+class ColorDraw:
+    """The hue/saturation/exposure part of a draw (keyword-only: it follows each augmentation's own fields)."""
+    dhue: float = field(default=0.0, kw_only=True)
+    dsat: float = field(default=1.0, kw_only=True)
+    dexp: float = field(default=1.0, kw_only=True)
+
+    @staticmethod
+    def draw(rng: np.random.Generator, hue: float, saturation: float, exposure: float) -> dict:
+        """Darknet's order: hue ~ U(-hue, hue), then rand_scale(saturation), then rand_scale(exposure)."""
+        dhue = _uniform(rng, -hue, hue)
+        dsat = rand_scale(rng, saturation)
+        return {"dhue": dhue, "dsat": dsat, "dexp": rand_scale(rng, exposure)}
+
+
+@dataclass
+class DetectionParams(ColorDraw):
     """One draw of the detection augmentation (pixel offsets of the left/right/top/bottom sides; positive = crop)."""
     pleft: int
     pright: int
     ptop: int
     pbot: int
     flip: bool
-    dhue: float = 0.0
-    dsat: float = 1.0
-    dexp: float = 1.0
 
 
 @dataclass
@@ -112,9 +124,7 @@ class DetectionAugment:
         dh = int(image_h * self.jitter)
         r1, r2, r3, r4 = (float(rng.random()) for _ in range(4))
         flip = bool(rng.integers(2)) if self.flip else False
-        dhue = _uniform(rng, -self.hue, self.hue)
-        dsat = rand_scale(rng, self.saturation)
-        dexp = rand_scale(rng, self.exposure)
+        color = ColorDraw.draw(rng, self.hue, self.saturation, self.exposure)
         # rand_precalc_random(-d, d, r) = r*2d - d, stored in an int (truncation toward zero)
         pleft = int(r1 * 2 * dw - dw)
         pright = int(r2 * 2 * dw - dw)
@@ -123,7 +133,7 @@ class DetectionAugment:
         if self.letter_box:
             pleft, pright, ptop, pbot = _letterbox_offsets(pleft, pright, ptop, pbot, image_w, image_h,
                                                            self.width, self.height)
-        return DetectionParams(pleft, pright, ptop, pbot, flip, dhue, dsat, dexp)
+        return DetectionParams(pleft, pright, ptop, pbot, flip, **color)
 
     def __call__(self, image: np.ndarray, boxes: np.ndarray, rng: np.random.Generator):
         """Augment one image and its boxes (k, 5: class, cx, cy, w, h). Returns (CHW float32 RGB, boxes)."""
@@ -234,7 +244,7 @@ def apply_detection_augment(image: np.ndarray, boxes: np.ndarray, params: Detect
 # classification
 
 @dataclass
-class ClassifierParams:
+class ClassifierParams(ColorDraw):
     """One draw of the classifier augmentation."""
     aspect: float
     crop: int           # r: the shorter side after scaling, in pixels
@@ -242,9 +252,6 @@ class ClassifierParams:
     dx: float
     dy: float
     flip: bool
-    dhue: float = 0.0
-    dsat: float = 1.0
-    dexp: float = 1.0
 
 
 @dataclass
@@ -294,10 +301,8 @@ class ClassifierAugment:
         dx = _uniform(rng, -dx, dx)
         dy = _uniform(rng, -dy, dy)
         flip = bool(rng.integers(2)) if self.flip else False
-        dhue = _uniform(rng, -self.hue, self.hue)
-        dsat = rand_scale(rng, self.saturation)
-        dexp = rand_scale(rng, self.exposure)
-        return ClassifierParams(aspect, r, rad, dx, dy, flip, dhue, dsat, dexp)
+        return ClassifierParams(aspect, r, rad, dx, dy, flip,
+                                **ColorDraw.draw(rng, self.hue, self.saturation, self.exposure))
 
     def __call__(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """Augment one image; returns the network input (C, height, width) float32 RGB in [0, 1]."""

@@ -42,32 +42,28 @@ AlexeyAB's CPU training; see FINETUNE_BN_MOMENTUM for why not the GPU's 0.01).
 Callbacks (for a user's own retraining loop): an object with methods, or a dict of callables,
 `on_iteration(state)` after every update and `on_evaluation(state, metrics)` after every evaluation; setting
 `state.stop = True` ends the run after the current iteration (checkpointed as at the end).
+
+The iteration itself is train.loop.TrainingLoop's; what is finetune's are three hooks on it: the masks held
+(_HoldMasks), the user's callbacks (_Callbacks) and the evaluations with the best weights kept (_Evaluation).
 """
 from __future__ import annotations
 
 import hashlib
-import io
-import json
-import math
 import os
-import sys
-import time
-import warnings
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from ..darknet.cfg import atomic_write_bytes
 from ..darknet.model import Model
-from ..engine.blas import limit_threads
 from ..errors import DarkpruneError
-from . import losses
-from .backprop import TrainBatch, TrainingNetwork, trainable_parameters
-from .optimizer import DarknetSGD
-from .schedule import LearningRateSchedule
+from .backprop import TrainingNetwork, trainable_parameters
+from .checkpoint import (CHECKPOINTS_KEPT, FORMAT, VERSION, checkpoint_paths, latest_checkpoint,  # noqa: F401
+                         read_checkpoint, sha256_hex, write_checkpoint)
+from .feeder import IMAGE_CACHE_BYTES, BatchFeeder  # noqa: F401
+from .loop import Hooks, LoopSettings, TrainingLoop, TrainState, darknet_optimizer, split_batch
+from .schedule import finetune_schedule, schedule_json  # noqa: F401
 
 # Batch-norm rolling statistics: rolling = (1 - m) * rolling + m * batch. AlexeyAB's CPU training uses m = 0.1, its
 # GPU training (and pjreddie's) 0.01. A finetune runs a few hundred iterations, not hundreds of thousands: with 0.01
@@ -75,30 +71,11 @@ from .schedule import LearningRateSchedule
 # (threshold 0.02), 30 iterations at lr 1e-4: mAP@0.5 0.074 -> 0.042 with 0.01, -> 0.197 with 0.1.
 FINETUNE_BN_MOMENTUM = 0.1
 CHECKPOINT_DIR = "finetune"
-CHECKPOINTS_KEPT = 2
-FORMAT = "darkprune-finetune-checkpoint"
-VERSION = 1
-IMAGE_CACHE_BYTES = 512 << 20      # decoded training images kept in memory (small datasets are read once)
+FinetuneState = TrainState          # what callbacks see (the loop's state of an iteration)
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# state and result
-
-@dataclass
-class FinetuneState:
-    """What callbacks see. `model` is being trained in place (its params are the live arrays)."""
-    iteration: int
-    iters: int
-    loss: float
-    avg_loss: float
-    learning_rate: float
-    images_per_second: float
-    seen: int
-    seconds: float
-    model: Model
-    stats: dict = field(default_factory=dict)      # per head statistics of the last mini-batch (detectors)
-    stop: bool = False
-
+# result
 
 @dataclass
 class FinetuneResult:
@@ -216,194 +193,18 @@ def _mask_digest(keep: dict, stats: dict) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# schedule
+# finetune's hooks on the training loop
 
-def finetune_schedule(graph, iters: int, learning_rate: float | None = None) -> LearningRateSchedule:
-    """The cfg's schedule compressed to `iters` iterations (see the module doc), with an optional base rate."""
-    sched = LearningRateSchedule.from_cfg(graph)
-    if learning_rate is not None:
-        sched.learning_rate = float(learning_rate)
-    full = sched.max_batches
-    if full > 0 and iters != full:
-        f = iters / full
-        sched.burn_in = int(sched.burn_in * f)
-        sched.steps = tuple(max(1, int(round(s * f))) for s in sched.steps)
-        sched.step = max(1, int(round(sched.step * f)))
-        if sched.sgdr_cycle:
-            sched.sgdr_cycle = max(1, int(round(sched.sgdr_cycle * f)))
-    sched.max_batches = iters
-    return sched
+class _HoldMasks(Hooks):
+    """After every update: pruned channels' rolling statistics back to 0 / 1 (DarknetSGD's masks hold the
+    masked weights themselves)."""
 
+    def __init__(self, stats: dict):
+        self.stats = stats
 
-def schedule_json(s: LearningRateSchedule) -> dict:
-    return {"learning_rate": s.learning_rate, "policy": s.policy, "burn_in": s.burn_in, "power": s.power,
-            "max_batches": s.max_batches, "steps": list(s.steps), "scales": list(s.scales), "step": s.step,
-            "scale": s.scale, "gamma": s.gamma}
+    def after_step(self, loop, rate):
+        _hold(loop.model, {}, self.stats)
 
-
-# ---------------------------------------------------------------------------------------------------------------
-# data
-
-class BatchFeeder:
-    """Darknet-style training mini-batches, each a pure function of (seed, iteration, subdivision): random images
-    (with replacement) from the dataset, augmented from the cfg. Prepares the next mini-batch on a thread."""
-
-    def __init__(self, dataset, graph, mini_batch: int, seed: int, threads: int = 2):
-        from ..data import load_image
-        from .augment import ClassifierAugment, DetectionAugment
-        self.dataset = dataset
-        self.mini_batch = int(mini_batch)
-        self.seed = int(seed)
-        self.channels = graph.net["channels"]
-        self.detector = any(layer.type in ("yolo", "region") for layer in graph)
-        if self.detector:
-            if dataset.kind != "detection" or dataset.boxes is None:
-                raise DarkpruneError(f"{dataset.source}: a detector needs a detection dataset (label files with "
-                                     f"boxes), this one is {dataset.kind}")
-            self.augment = DetectionAugment.from_graph(graph)
-        else:
-            if dataset.kind != "classification" or dataset.labels is None:
-                raise DarkpruneError(f"{dataset.source}: a classifier needs a classification dataset (a labels= "
-                                     f"list in the .data file), this one is {dataset.kind}")
-            self.augment = ClassifierAugment.from_graph(graph)
-        if len(dataset) == 0:
-            raise DarkpruneError(f"{dataset.source}: the training list is empty")
-        self._load_image = load_image
-        self._cache: dict[int, np.ndarray] = {}
-        self._cache_bytes = 0
-        self._pool = ThreadPoolExecutor(max_workers=max(1, threads))
-        self._pending: dict[tuple[int, int], Any] = {}
-
-    def close(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
-
-    def _image(self, index: int) -> np.ndarray:
-        img = self._cache.get(index)
-        if img is None:
-            img = self._load_image(self.dataset.image_paths[index], self.channels)
-            if self._cache_bytes + img.nbytes <= IMAGE_CACHE_BYTES:
-                self._cache[index] = img
-                self._cache_bytes += img.nbytes
-        return img
-
-    def _one(self, index: int, seed: int):
-        rng = np.random.default_rng(seed)
-        image = self._image(index)
-        if self.detector:
-            return self.augment(image, self.dataset.boxes[index], rng)
-        return self.augment(image, rng), int(self.dataset.labels[index])
-
-    def _build(self, iteration: int, subdivision: int) -> TrainBatch:
-        rng = np.random.default_rng([self.seed, iteration, subdivision, 0])
-        picks = rng.integers(0, len(self.dataset), self.mini_batch)
-        seeds = rng.integers(0, 2 ** 63 - 1, self.mini_batch)
-        items = list(self._pool.map(self._one, picks.tolist(), seeds.tolist()))
-        images = np.stack([it[0] for it in items]).astype(np.float32, copy=False)
-        if self.detector:
-            return TrainBatch(images, truths=[np.asarray(it[1], np.float32).reshape(-1, 5) for it in items])
-        return TrainBatch(images, labels=np.array([it[1] for it in items], np.int64))
-
-    def get(self, iteration: int, subdivision: int, following: tuple[int, int] | None = None) -> TrainBatch:
-        """The mini-batch (iteration, subdivision); starts preparing `following` in the background."""
-        key = (iteration, subdivision)
-        future = self._pending.pop(key, None)
-        if following is not None and following not in self._pending:
-            self._pending[following] = _Background(self._build, following)
-        if future is not None:
-            return future.result()
-        return self._build(*key)
-
-
-class _Background:
-    """Runs fn(*args) on its own thread (the pool's workers are used by fn itself for the images)."""
-
-    def __init__(self, fn, args):
-        import threading
-        self._result = None
-        self._error = None
-
-        def run():
-            try:
-                self._result = fn(*args)
-            except BaseException as exc:          # re-raised in the caller's thread
-                self._error = exc
-        self._thread = threading.Thread(target=run, daemon=True)
-        self._thread.start()
-
-    def result(self):
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-        return self._result
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# checkpoints
-
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def checkpoint_paths(folder: Path) -> list[Path]:
-    return sorted(folder.glob("checkpoint-*.npz"))
-
-
-def write_checkpoint(folder: Path, iteration: int, model: Model, opt: DarknetSGD, meta: dict) -> Path:
-    arrays = {f"param/{i}/{name}": arr for i, p in model.params.items() for name, arr in p.items()}
-    arrays.update({f"opt/{k}": v for k, v in opt.state_dict().items()})
-    meta = dict(meta, format=FORMAT, version=VERSION, iteration=iteration)
-    arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    data = buf.getvalue()
-    path = folder / f"checkpoint-{iteration:07d}.npz"
-    atomic_write_bytes(path, data)
-    atomic_write_bytes(path.with_suffix(".sha256"), f"{_sha256(data)}  {path.name}\n".encode())
-    for old in checkpoint_paths(folder)[:-CHECKPOINTS_KEPT]:
-        for f in (old, old.with_suffix(".sha256")):
-            try:
-                f.unlink()
-            except OSError:
-                pass
-    return path
-
-
-def read_checkpoint(path: Path) -> tuple[dict, dict[str, np.ndarray]]:
-    """(meta, arrays) of a checkpoint whose checksum matches; DarkpruneError otherwise."""
-    sha_path = path.with_suffix(".sha256")
-    try:
-        data = path.read_bytes()
-        expected = sha_path.read_text().split()[0]
-    except FileNotFoundError as exc:
-        raise DarkpruneError(f"{exc.filename}: missing; the checkpoint {path.name} cannot be verified") from None
-    except (OSError, IndexError) as exc:
-        raise DarkpruneError(f"{sha_path}: unreadable checksum file ({exc})") from None
-    if _sha256(data) != expected:
-        raise DarkpruneError(f"{path}: checksum mismatch ({len(data)} bytes): the checkpoint is corrupt or truncated; "
-                             f"delete it (and its .sha256) to resume from an earlier one, or run without --resume")
-    try:
-        with np.load(io.BytesIO(data)) as z:
-            arrays = {k: z[k] for k in z.files}
-        meta = json.loads(arrays.pop("meta").tobytes().decode())
-    except Exception as exc:       # the checksum matched, so the writer itself was at fault
-        raise DarkpruneError(f"{path}: not a readable darkprune checkpoint ({exc})") from None
-    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
-        raise DarkpruneError(f"{path}: not a darkprune finetune checkpoint of version {VERSION}")
-    return meta, arrays
-
-
-def latest_checkpoint(folder: Path) -> Path | None:
-    """The newest checkpoint that was completely written (its .sha256 exists: it is written after the .npz)."""
-    for path in reversed(checkpoint_paths(folder)):
-        if path.with_suffix(".sha256").exists():
-            return path
-        warnings.warn(f"{path}: no checksum file beside it (the run stopped while writing it); ignored",
-                      stacklevel=3)
-    return None
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# the loop
 
 def _callbacks(callbacks) -> list:
     if callbacks is None:
@@ -417,6 +218,67 @@ def _call(callbacks: list, name: str, *args) -> None:
         if fn is not None:
             fn(*args)
 
+
+class _Callbacks(Hooks):
+    """The user's on_iteration callbacks after every iteration."""
+
+    def __init__(self, callbacks: list):
+        self.callbacks = callbacks
+
+    def after_iteration(self, loop, state):
+        _call(self.callbacks, "on_iteration", state)
+
+
+class _Evaluation(Hooks):
+    """Evaluations before training, every `every` iterations and at the end (when `data` is given), the best
+    metric and (keep="best") the best weights, in memory and as finetune/best.weights in the workspace."""
+
+    def __init__(self, data, limit, every, metric: str, keep: str, ws, callbacks: list):
+        self.data, self.limit, self.every, self.metric, self.keep, self.ws = data, limit, every, metric, keep, ws
+        self.callbacks = callbacks
+        self.evaluations: list[dict] = []
+        self.best: dict = {"value": None, "iteration": None}
+        self.best_params = None
+
+    def run(self, model: Model, k: int, state) -> None:
+        from ..evaluate import evaluate
+        metrics = evaluate(model, self.data, limit=self.limit, progress=False)
+        value = float(metrics[self.metric])
+        self.evaluations.append({"iteration": k, self.metric: value,
+                                 **{m: float(metrics[m]) for m in ("map50", "map50_95", "top1", "top5")
+                                    if m in metrics and m != self.metric}})
+        if self.best["value"] is None or value > self.best["value"]:
+            self.best["value"], self.best["iteration"] = value, k
+            if self.keep == "best":
+                self.best_params = _snapshot(model)
+                if self.ws is not None:
+                    self.best["sha256"] = _save_best(self.ws, model)
+        if state is not None:
+            _call(self.callbacks, "on_evaluation", state, metrics)
+
+    def on_resume(self, loop, meta):
+        self.evaluations, self.best = meta["evaluations"], meta["best"]
+        self.best["sha256"] = meta.get("best_sha256")
+        if self.best["iteration"] is not None and self.keep == "best":
+            self.best_params = _load_best(self.ws, loop.model, meta.get("best_sha256"))
+
+    def before_training(self, loop):
+        if self.data is not None and loop.start == 0:
+            self.run(loop.model, 0, None)
+
+    def after_iteration(self, loop, state):
+        k = state.iteration
+        if self.data is not None and ((self.every and k % self.every == 0) or k == state.iters or state.stop):
+            self.run(loop.model, k, state)
+
+    def checkpoint_meta(self, loop):
+        return {"evaluations": self.evaluations,
+                "best": {"value": self.best["value"], "iteration": self.best["iteration"]},
+                "best_sha256": self.best.get("sha256")}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# finetune
 
 def _resolve_data(data, split: str):
     from ..data import Dataset, load_data
@@ -441,37 +303,20 @@ def _restore(model: Model, params: dict) -> None:
             model.params[i][k][...] = v
 
 
-def finetune(model: Model, data, iters: int | None = None, masks=None, batch: int | None = None,
-             subdivisions: int | None = None, learning_rate: float | None = None, workspace=None,
-             checkpoint_every: int = 100, eval_every: int | None = None, eval_data=None,
-             eval_limit: int | None = None, resume: bool = False, seed: int = 0, callbacks=None,
-             progress: bool = True, keep: str | None = None, bn_momentum: float | None = None,
-             data_threads: int = 2) -> FinetuneResult:
-    """Finetune `model` in place on `data` (a .data path, whose train= list is used, or a Dataset); see the module
-    doc. Returns a FinetuneResult; `result.model` is `model`, holding the kept weights."""
-    from ..evaluate import evaluate, progress_enabled
-    from ..prune.workspace import Workspace
-    from tqdm import tqdm
-
-    graph = model.graph
-    net_opts = graph.net
-    iters = int(iters if iters is not None else net_opts["max_batches"])
+def _iteration_count(model: Model, iters, checkpoint_every, eval_every) -> int:
+    iters = int(iters if iters is not None else model.graph.net["max_batches"])
     if iters <= 0:
         raise DarkpruneError(f"{model.cfg_path}: no iteration count: give iters (the cfg's max_batches is "
-                             f"{net_opts['max_batches']})")
-    subdivisions = max(1, int(subdivisions if subdivisions is not None else net_opts["subdivisions"]))
-    full_batch = int(batch if batch is not None else net_opts["batch"])
-    mini_batch = full_batch // subdivisions
-    if mini_batch < 1:
-        raise DarkpruneError(f"batch={full_batch} is smaller than subdivisions={subdivisions}")
-    full_batch = mini_batch * subdivisions            # Darknet's update batch
+                             f"{model.graph.net['max_batches']})")
     if checkpoint_every is not None and checkpoint_every < 1:
         raise DarkpruneError("checkpoint_every must be >= 1")
     if eval_every is not None and eval_every < 1:
         raise DarkpruneError("eval_every must be >= 1")
-    metric = _metric_name(model)
+    return iters
 
-    train_set = _resolve_data(data, "train")
+
+def _evaluation_data(data, train_set, eval_data, eval_every, keep):
+    """(the validation Dataset or None, the kept weights: "best" or "last")."""
     evaluating = eval_data is not None or eval_every is not None
     if evaluating and eval_data is None:
         source = data if isinstance(data, (str, os.PathLike)) else getattr(train_set, "source", None)
@@ -483,172 +328,61 @@ def finetune(model: Model, data, iters: int | None = None, masks=None, batch: in
     keep = keep or ("best" if evaluating else "last")
     if keep not in ("best", "last"):
         raise DarkpruneError(f"keep={keep!r}: expected 'best' or 'last'")
+    return eval_data, keep
 
-    # masks, network, optimizer, schedule
+
+def finetune(model: Model, data, iters: int | None = None, masks=None, batch: int | None = None,
+             subdivisions: int | None = None, learning_rate: float | None = None, workspace=None,
+             checkpoint_every: int = 100, eval_every: int | None = None, eval_data=None,
+             eval_limit: int | None = None, resume: bool = False, seed: int = 0, callbacks=None,
+             progress: bool = True, keep: str | None = None, bn_momentum: float | None = None,
+             data_threads: int = 2) -> FinetuneResult:
+    """Finetune `model` in place on `data` (a .data path, whose train= list is used, or a Dataset); see the module
+    doc. Returns a FinetuneResult; `result.model` is `model`, holding the kept weights."""
+    from ..prune.masks import Masks, structure_fingerprint
+    from ..prune.workspace import Workspace
+
+    graph = model.graph
+    iters = _iteration_count(model, iters, checkpoint_every, eval_every)
+    mini_batch, subdivisions = split_batch(graph, batch, subdivisions)
+    metric = _metric_name(model)
+    train_set = _resolve_data(data, "train")
+    eval_data, keep = _evaluation_data(data, train_set, eval_data, eval_every, keep)
+
     held, held_stats = parameter_masks(model, masks)
-    from ..prune.masks import Masks
     if isinstance(masks, Masks) and getattr(model, "masks", None) is None:
         model.masks = masks                # what `transform` uses by default, as apply_masks leaves it
     net = TrainingNetwork(model, np.float32, FINETUNE_BN_MOMENTUM if bn_momentum is None else bn_momentum, seed)
     _hold(model, held, held_stats)
-    opt = DarknetSGD.from_cfg(graph)
-    opt.batch = full_batch
-    for index, name, decayed in trainable_parameters(model):
-        layer = graph[index]
-        opt.add(f"{index}/{name}", model.params[index][name], decay=decayed, mask=held.get((index, name)),
-                lr_scale=layer.section.get_float("learning_rate", 1.0))
+    opt = darknet_optimizer(model, mini_batch * subdivisions, held)
     schedule = finetune_schedule(graph, iters, learning_rate)
 
     ws = Workspace(workspace) if workspace is not None else None
     ckpt_dir = ws.file(CHECKPOINT_DIR) if ws else None
     if ckpt_dir is not None:
         ckpt_dir.mkdir(exist_ok=True)
-    from ..prune.masks import structure_fingerprint
-    settings = {"structure": structure_fingerprint(graph), "batch": full_batch, "subdivisions": subdivisions,
-                "bn_momentum": net.bn_momentum,
-                "learning_rate": schedule.learning_rate, "seed": int(seed), "masks": _mask_digest(held, held_stats),
-                "iters": iters}
-
-    # state
-    start = 0
-    seen = 0
-    avg_loss = None
-    history = {"loss": [], "avg_loss": [], "lr": []}
-    evaluations: list[dict] = []
-    best = {"value": None, "iteration": None}
-    best_params = None
-    if resume:
-        if ckpt_dir is None:
-            raise DarkpruneError("resume needs the workspace the interrupted run wrote its checkpoints to")
-        path = latest_checkpoint(ckpt_dir)
-        if path is None:
-            warnings.warn(f"{ckpt_dir}: no checkpoint to resume from; starting from the beginning", stacklevel=2)
-        else:
-            meta, arrays = read_checkpoint(path)
-            differ = [k for k in settings if k != "iters" and meta["settings"].get(k) != settings[k]]
-            if differ:
-                raise DarkpruneError(f"{path}: this checkpoint was made with other settings ("
-                                     + ", ".join(f"{k}: {meta['settings'].get(k)} then, {settings[k]} now"
-                                                 for k in differ) + "); resume with the same ones or start over")
-            if meta["settings"].get("iters") != iters:
-                warnings.warn(f"{path}: the run was started for {meta['settings'].get('iters')} iterations, now "
-                              f"{iters}: the schedule changes, so the result will differ from either uninterrupted "
-                              f"run", stacklevel=2)
-            for key, arr in arrays.items():
-                if key.startswith("param/"):
-                    _, index, name = key.split("/", 2)
-                    target = model.params.get(int(index), {}).get(name)
-                    if target is None or target.shape != arr.shape:
-                        raise DarkpruneError(f"{path}: array {key} does not fit this model")
-                    target[...] = arr
-            opt.load_state_dict({k[4:]: v for k, v in arrays.items() if k.startswith("opt/")})
-            start, seen, avg_loss = meta["iteration"], meta["seen"], meta["avg_loss"]
-            history, evaluations, best = meta["history"], meta["evaluations"], meta["best"]
-            best["sha256"] = meta.get("best_sha256")
-            if best["iteration"] is not None and keep == "best":
-                best_params = _load_best(ws, model, meta.get("best_sha256"))
-    elif ckpt_dir is not None:
-        stale = checkpoint_paths(ckpt_dir)
-        for old in stale:
-            for f in (old, old.with_suffix(".sha256")):
-                f.unlink(missing_ok=True)
-        (ckpt_dir / "best.weights").unlink(missing_ok=True)
-        if stale:
-            warnings.warn(f"{ckpt_dir}: starting over, {len(stale)} old checkpoint(s) removed (use resume to "
-                          f"continue one)", stacklevel=2)
-
+        if not resume:
+            (ckpt_dir / "best.weights").unlink(missing_ok=True)
+    settings = LoopSettings(
+        iters=iters, mini_batch=mini_batch, subdivisions=subdivisions, seed=int(seed), checkpoint_dir=ckpt_dir,
+        checkpoint_every=checkpoint_every, resume=resume, progress=progress, settings={
+            "structure": structure_fingerprint(graph), "batch": mini_batch * subdivisions,
+            "subdivisions": subdivisions, "bn_momentum": net.bn_momentum, "learning_rate": schedule.learning_rate,
+            "seed": int(seed), "masks": _mask_digest(held, held_stats), "iters": iters})
     cbs = _callbacks(callbacks)
-    show = progress_enabled(progress)
+    evaluation = _Evaluation(eval_data, eval_limit, eval_every, metric, keep, ws, cbs)
+    feeder = BatchFeeder(train_set, graph, mini_batch, seed, data_threads)
+    loop = TrainingLoop(model, net, opt, schedule, feeder, settings,
+                        hooks=[_HoldMasks(held_stats), _Callbacks(cbs), evaluation])
+    return _finish(model, loop.run(), evaluation, schedule, ws, ckpt_dir)
 
-    def run_eval(k: int, state: FinetuneState | None) -> float:
-        nonlocal best_params
-        metrics = evaluate(model, eval_data, limit=eval_limit, progress=False)
-        value = float(metrics[metric])
-        evaluations.append({"iteration": k, metric: value,
-                            **{m: float(metrics[m]) for m in ("map50", "map50_95", "top1", "top5") if m in metrics
-                               and m != metric}})
-        if best["value"] is None or value > best["value"]:
-            best["value"], best["iteration"] = value, k
-            if keep == "best":
-                best_params = _snapshot(model)
-                if ws is not None:
-                    best["sha256"] = _save_best(ws, model)
-        if state is not None:
-            _call(cbs, "on_evaluation", state, metrics)
-        return value
 
-    if evaluating and start == 0:
-        run_eval(0, None)
-
-    feeder = BatchFeeder(train_set, graph, mini_batch, seed, data_threads) if start < iters else None
-    bar = tqdm(total=iters, initial=start, desc="finetune", unit="it", file=sys.stderr, disable=not show,
-               dynamic_ncols=True, leave=True)
-    train_seconds = 0.0
-    images_run = 0
-    state = None
-    k = start
-    try:
-        for k in range(start + 1, iters + 1):
-            t0 = time.perf_counter()
-            costs = []
-            stats = {}
-            for s in range(subdivisions):
-                following = (k, s + 1) if s + 1 < subdivisions else ((k + 1, 0) if k < iters else None)
-                mb = feeder.get(k, s, following)
-                seen_now = seen + mini_batch * (s + 1)
-                out = net.loss_and_gradients(mb, rng=np.random.default_rng([seed, k, s, 1]), seen=seen_now,
-                                             iteration=k)
-                # The optimizer's kernels are parallel; on a few hundred small tensors the wake-ups cost more than
-                # the work (milliseconds each on a busy machine), so they run on this thread.
-                with limit_threads(1):
-                    for index, arrays in net.gradients().items():
-                        for name, g in arrays.items():
-                            opt.accumulate(f"{index}/{name}", g)
-                costs.append(out.cost)
-                stats = out.stats
-            seen += full_batch
-            lr = schedule.rate(k, np.random.default_rng([seed, k, 2]))
-            with limit_threads(1):
-                opt.update(lr, t=k)
-            _hold(model, {}, held_stats)
-            loss = losses.train_loss(costs, mini_batch)
-            avg_loss = losses.update_avg_loss(avg_loss, loss)
-            if not math.isfinite(loss):
-                raise DarkpruneError(f"iteration {k}: the loss is {loss}: training diverged (lower the learning "
-                                     f"rate: it was {lr:g})")
-            history["loss"].append(loss)
-            history["avg_loss"].append(avg_loss)
-            history["lr"].append(lr)
-            dt = time.perf_counter() - t0
-            train_seconds += dt
-            images_run += full_batch
-            ips = full_batch / dt if dt > 0 else 0.0
-            model.header.seen = seen
-            bar.update(1)
-            bar.set_postfix_str(f"loss {loss:.3f} avg {avg_loss:.3f} lr {lr:.3g} {ips:.1f} img/s", refresh=False)
-            state = FinetuneState(k, iters, loss, avg_loss, lr, ips, seen, train_seconds, model, stats)
-            _call(cbs, "on_iteration", state)
-            last = k == iters or state.stop
-            if evaluating and ((eval_every and k % eval_every == 0) or last):
-                run_eval(k, state)
-            if ckpt_dir is not None and (last or (checkpoint_every and k % checkpoint_every == 0)):
-                write_checkpoint(ckpt_dir, k, model, opt, {
-                    "seen": seen, "avg_loss": avg_loss, "history": history, "evaluations": evaluations,
-                    "best": {"value": best["value"], "iteration": best["iteration"]},
-                    "best_sha256": best.get("sha256"), "settings": settings,
-                    "rng": {"kind": "counter", "seed": int(seed), "next_iteration": k + 1}})
-            if state.stop:
-                break
-    finally:
-        bar.close()
-        if feeder is not None:
-            feeder.close()
-
-    final_iteration = k
-    model.header.seen = seen
+def _finish(model: Model, run, evaluation: _Evaluation, schedule, ws, ckpt_dir) -> FinetuneResult:
+    """The kept weights back into the model, the workspace's files, the result."""
+    evaluations, best, keep, metric = evaluation.evaluations, evaluation.best, evaluation.keep, evaluation.metric
     metric_before = evaluations[0][metric] if evaluations and evaluations[0]["iteration"] == 0 else None
-    if keep == "best" and best_params is not None and best["iteration"] != final_iteration:
-        _restore(model, best_params)
+    if keep == "best" and evaluation.best_params is not None and best["iteration"] != run.iterations:
+        _restore(model, evaluation.best_params)
     metric_after = None
     if evaluations:
         metric_after = best["value"] if keep == "best" else evaluations[-1][metric]
@@ -658,23 +392,23 @@ def finetune(model: Model, data, iters: int | None = None, masks=None, batch: in
         model.save(cfg_out, weights_out)
         files = {"cfg": str(cfg_out), "weights": str(weights_out), "checkpoints": str(ckpt_dir)}
         curve = ws.file("finetune_loss.png")
-        plot_history(curve, history, evaluations, metric, start_at=1)
+        plot_history(curve, run.history, evaluations, metric, start_at=1)
         files["loss_plot"] = str(curve)
         if evaluations:
             files["metric_plot"] = str(ws.file("finetune_metric.png"))
+    history = run.history
     return FinetuneResult(
-        model=model, iterations=final_iteration, start_iteration=start, losses=list(history["loss"]),
+        model=model, iterations=run.iterations, start_iteration=run.start_iteration, losses=list(history["loss"]),
         avg_losses=list(history["avg_loss"]), learning_rates=list(history["lr"]), evaluations=evaluations,
         metric=metric if evaluations else None, metric_before=metric_before, metric_after=metric_after,
-        best_iteration=best["iteration"], kept=keep, images_seen=seen, seconds=train_seconds,
-        images_per_second=images_run / train_seconds if train_seconds > 0 else 0.0,
-        schedule=schedule_json(schedule), files=files)
+        best_iteration=best["iteration"], kept=keep, images_seen=run.seen, seconds=run.seconds,
+        images_per_second=run.images_per_second, schedule=schedule_json(schedule), files=files)
 
 
 def _save_best(ws, model: Model) -> str:
     data = model.weights_bytes()
     atomic_write_bytes(ws.file(CHECKPOINT_DIR) / "best.weights", data)
-    return _sha256(data)
+    return sha256_hex(data)
 
 
 def _load_best(ws, model: Model, sha: str | None) -> dict:
@@ -685,7 +419,7 @@ def _load_best(ws, model: Model, sha: str | None) -> dict:
     except FileNotFoundError:
         raise DarkpruneError(f"{path}: missing; the best weights of the interrupted run are needed to resume "
                              f"(or resume with keep='last')") from None
-    if sha and _sha256(data) != sha:
+    if sha and sha256_hex(data) != sha:
         raise DarkpruneError(f"{path}: checksum mismatch: the best weights of the interrupted run are corrupt")
     _, params = read_weights(str(path), model.graph)
     return {i: {k: np.ascontiguousarray(v, np.float32) for k, v in p.items()} for i, p in params.items()}

@@ -33,6 +33,17 @@ import numpy as np
 from numba import njit, prange
 
 
+@njit(cache=True)
+def _clipped(v, clip):
+    """Darknet's weight clipping (clip > 0): v limited to [-clip, clip]."""
+    if clip > 0:
+        if v > clip:
+            return clip
+        if v < -clip:
+            return -clip
+    return v
+
+
 @njit(cache=True, parallel=True)
 def _sgd_update(w, upd, keep, has_mask, lr_over_batch, momentum, decay_batch, clip):
     n = w.size
@@ -42,13 +53,7 @@ def _sgd_update(w, upd, keep, has_mask, lr_over_batch, momentum, decay_batch, cl
             upd[i] = 0
             continue
         u = upd[i] - decay_batch * w[i]
-        v = w[i] + lr_over_batch * u
-        if clip > 0:
-            if v > clip:
-                v = clip
-            elif v < -clip:
-                v = -clip
-        w[i] = v
+        w[i] = _clipped(w[i] + lr_over_batch * u, clip)
         upd[i] = momentum * u
 
 
@@ -69,13 +74,7 @@ def _adam_update(w, upd, m, v, keep, has_mask, rate, b1, b2, eps, decay_batch, t
         v[i] = b2 * v[i] + (1 - b2) * d * d
         mhat = m[i] / c1
         vhat = v[i] / c2
-        x = w[i] + rate * mhat / (np.sqrt(vhat) + eps)
-        if clip > 0:
-            if x > clip:
-                x = clip
-            elif x < -clip:
-                x = -clip
-        w[i] = x
+        w[i] = _clipped(w[i] + rate * mhat / (np.sqrt(vhat) + eps), clip)
         upd[i] = 0
 
 

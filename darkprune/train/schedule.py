@@ -171,3 +171,29 @@ def _c_pow(base: float, power: float) -> float:
 
 def _f32(v: float) -> float:
     return float(np.float32(v))
+
+
+def finetune_schedule(graph, iters: int, learning_rate: float | None = None) -> LearningRateSchedule:
+    """The cfg's schedule compressed to `iters` iterations, with an optional base rate: when iters differs from
+    max_batches, burn_in, steps, step and sgdr_cycle are scaled by iters / max_batches and max_batches becomes iters
+    (a 300-iteration finetune of a cfg trained for 500,000 keeps the same shape: a short warm-up, the steps at the
+    same fractions)."""
+    sched = LearningRateSchedule.from_cfg(graph)
+    if learning_rate is not None:
+        sched.learning_rate = float(learning_rate)
+    full = sched.max_batches
+    if full > 0 and iters != full:
+        f = iters / full
+        sched.burn_in = int(sched.burn_in * f)
+        sched.steps = tuple(max(1, int(round(s * f))) for s in sched.steps)
+        sched.step = max(1, int(round(sched.step * f)))
+        if sched.sgdr_cycle:
+            sched.sgdr_cycle = max(1, int(round(sched.sgdr_cycle * f)))
+    sched.max_batches = iters
+    return sched
+
+
+def schedule_json(s: LearningRateSchedule) -> dict:
+    return {"learning_rate": s.learning_rate, "policy": s.policy, "burn_in": s.burn_in, "power": s.power,
+            "max_batches": s.max_batches, "steps": list(s.steps), "scales": list(s.scales), "step": s.step,
+            "scale": s.scale, "gamma": s.gamma}
