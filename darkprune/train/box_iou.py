@@ -59,25 +59,27 @@ def box_giou(ax, ay, aw, ah, bx, by, bw, bh):
 
 
 @njit(cache=True, error_model="numpy")
+def _distance_parts(ax, ay, aw, ah, bx, by, bw, bh):
+    """(IoU, squared diagonal of the enclosing box, squared distance of the centres): DIoU's and CIoU's parts."""
+    cw, ch = _enclosing(ax, ay, aw, ah, bx, by, bw, bh)
+    return (box_iou(ax, ay, aw, ah, bx, by, bw, bh), cw * cw + ch * ch,
+            (ax - bx) * (ax - bx) + (ay - by) * (ay - by))
+
+
+@njit(cache=True, error_model="numpy")
 def box_diou(ax, ay, aw, ah, bx, by, bw, bh):
     """Darknet's box_diou value: IoU - (d^2/c^2)^0.6 (the 0.6 power is Darknet's; its gradient ignores it)."""
-    cw, ch = _enclosing(ax, ay, aw, ah, bx, by, bw, bh)
-    c = cw * cw + ch * ch
-    iou = box_iou(ax, ay, aw, ah, bx, by, bw, bh)
+    iou, c, d = _distance_parts(ax, ay, aw, ah, bx, by, bw, bh)
     if c == 0:
         return iou
-    d = (ax - bx) * (ax - bx) + (ay - by) * (ay - by)
     return iou - (d / c) ** 0.6
 
 
 @njit(cache=True, error_model="numpy")
 def box_ciou(ax, ay, aw, ah, bx, by, bw, bh):
-    cw, ch = _enclosing(ax, ay, aw, ah, bx, by, bw, bh)
-    c = cw * cw + ch * ch
-    iou = box_iou(ax, ay, aw, ah, bx, by, bw, bh)
+    iou, c, u = _distance_parts(ax, ay, aw, ah, bx, by, bw, bh)
     if c == 0:
         return iou
-    u = (ax - bx) * (ax - bx) + (ay - by) * (ay - by)
     d = u / c
     ar = math.atan(bw / bh) - math.atan(aw / ah)
     ar_loss = 4 / (math.pi * math.pi) * ar * ar

@@ -18,7 +18,7 @@ N_STATS = 15
 @dataclass
 class YoloLossResult:
     grad: np.ndarray                # dL/dx for the head's raw input: -delta_normalizer * Darknet's delta
-    cost: float                     # Darknet's *l.cost for this layer (see the module doc)
+    cost: float                     # Darknet's *l.cost for this layer (see yolo_loss's / region_loss's doc)
     output: np.ndarray              # the activated output the deltas were computed from
     delta: np.ndarray               # Darknet's l.delta (a negative gradient, before delta_normalizer)
     stats: dict = field(default_factory=dict)   # avg_iou, count, recall, recall75, avg_obj, avg_anyobj, avg_cat...
@@ -66,9 +66,15 @@ def logistic(v):
 
 
 @njit(cache=True, error_model="numpy")
-def truth_cell(tx, ty, lw, lh):
-    """The cell (i, j) of a truth's centre; cx = 1.0 exactly (Darknet's out-of-range cell W) goes to the last."""
-    return min(int(tx * lw), lw - 1), min(int(ty * lh), lh - 1)
+def read_truth(truths, b, t, classes, lw, lh):
+    """Row t of image b: (class, cx, cy, w, h, cell i, cell j); class -1 for a class outside 0..classes-1 (a row
+    Darknet skips). cx = 1.0 exactly (Darknet's out-of-range cell W) goes to the last cell."""
+    class_id = int(truths[b, t, 0])
+    if class_id >= classes or class_id < 0:
+        class_id = -1
+    tx = truths[b, t, 1]
+    ty = truths[b, t, 2]
+    return class_id, tx, ty, truths[b, t, 3], truths[b, t, 4], min(int(tx * lw), lw - 1), min(int(ty * lh), lh - 1)
 
 
 @njit(cache=True, error_model="numpy")

@@ -22,7 +22,7 @@ from numba import njit, prange
 from ..engine.yolo import region_forward
 from .box_iou import box_iou
 from .heads import (N_STATS, S_AVG_ANYOBJ, S_AVG_CAT, S_AVG_OBJ, S_CLASS_COUNT, S_COUNT, S_RECALL, S_TOT_IOU,
-                    YoloLossResult, best_truth, focal_class_deltas, head_input, logistic, truth_cell)
+                    YoloLossResult, best_truth, focal_class_deltas, head_input, logistic, read_truth)
 
 
 @njit(cache=True, error_model="numpy")
@@ -95,14 +95,9 @@ def _region_delta_kernel(raw, out, truths, ntruth, anchors, classes, thresh, bia
                                           anchors[2 * n + 1] / lh, raw, delta, b, base, j, i, anchors, n, lw, lh,
                                           0.01)
         for t in range(nt):
-            class_id = int(truths[b, t, 0])
-            if class_id >= classes or class_id < 0:
+            class_id, tx, ty, tw, th, i, j = read_truth(truths, b, t, classes, lw, lh)
+            if class_id < 0:
                 continue
-            tx = truths[b, t, 1]
-            ty = truths[b, t, 2]
-            tw = truths[b, t, 3]
-            th = truths[b, t, 4]
-            i, j = truth_cell(tx, ty, lw, lh)
             best_iou = 0.0
             best_n = 0
             for n in range(num):

@@ -70,7 +70,7 @@ from .box_iou import (CIOU, DIOU, GIOU, IOU, IOU_KINDS, MSE, box_ciou, box_diou,
 from .heads import (N_STATS, S_AVG_ANYOBJ, S_AVG_CAT, S_AVG_OBJ, S_CLASS_COUNT, S_COUNT, S_RECALL, S_RECALL75,
                     S_REWRITTEN, S_TOT_CIOU, S_TOT_DIOU, S_TOT_GIOU, S_TOT_GIOU_LOSS, S_TOT_IOU, S_TOT_IOU_LOSS,
                     S_TOTAL_BBOX, YoloLossResult, best_truth, focal_class_deltas, head_input,  # noqa: F401
-                    pack_truths, truth_cell)
+                    pack_truths, read_truth)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -315,14 +315,9 @@ def _yolo_delta_kernel(out, truths, ntruth, anchors, mask, classes, net_w, net_h
                         st[S_TOTAL_BBOX] += 1
         # 2. every truth: its best anchor over all anchors, plus the iou_thresh extras
         for t in range(nt):
-            class_id = int(truths[b, t, 0])
-            if class_id >= classes or class_id < 0:
+            class_id, tx, ty, tw, th, i, j = read_truth(truths, b, t, classes, lw, lh)
+            if class_id < 0:
                 continue
-            tx = truths[b, t, 1]
-            ty = truths[b, t, 2]
-            tw = truths[b, t, 3]
-            th = truths[b, t, 4]
-            i, j = truth_cell(tx, ty, lw, lh)
             best_iou = 0.0
             best_n = 0
             for n in range(total):
