@@ -342,12 +342,7 @@ def compress(model: Model, sparsity: dict | None = None, clusters: dict | None =
     wants_training = int(finetune_iters) > 0 or int(centroid_iters) > 0 or any(it > 0 for _, it in steps)
     if wants_training and data is None and train_data is None:
         raise DarkpruneError("finetuning needs training data: give data (a .data file) or set the iterations to 0")
-    ws = Path(workspace) if workspace is not None else None
-    if ws is not None:
-        try:
-            ws.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise DarkpruneError(f"{ws}: cannot create the workspace ({exc.strerror})") from None
+    ws = _workspace(workspace)
     if out is None and ws is not None:
         out = ws / "model.dcz"
     config = _run_config(model, layers, ratios, ks, bits, steps, data, finetune_iters=int(finetune_iters),
@@ -388,6 +383,17 @@ def compress(model: Model, sparsity: dict | None = None, clusters: dict | None =
         write_json(ws / "report.json", report)
     return CompressResult(model=model, masks=masks, codebooks=codebooks, report=report,
                           path=None if out is None else str(out), history=run.history)
+
+
+def _workspace(workspace) -> Path | None:
+    if workspace is None:
+        return None
+    ws = Path(workspace)
+    try:
+        ws.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DarkpruneError(f"{ws}: cannot create the workspace ({exc.strerror})") from None
+    return ws
 
 
 def _check_options(init: str, centroid_gradient: str, finetune_iters, centroid_iters) -> None:
