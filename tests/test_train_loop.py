@@ -1,6 +1,6 @@
 """The one training loop (darkprune.train.loop) and its hooks: a loss given by a hook on batches without ground truth
-(how distillation plugs in) trains exactly as the heads' own loss does; gradients a hook takes never reach the
-optimizer; a batch with nothing to learn from is refused."""
+(how distillation plugs in) trains exactly as the heads' own loss does; the heads' loss weighted or switched off;
+gradients a hook takes never reach the optimizer; a batch with nothing to learn from is refused."""
 import numpy as np
 import pytest
 
@@ -38,9 +38,9 @@ class TeacherLoss(Hooks):
         self.calls = 0
 
     def extra_loss(self, loop, batch, seen):
-        assert batch.truths is None
         self.calls += 1
-        out = detector_loss(loop.net, self.batches.truths, seen)
+        truths = batch.truths if self.batches is None else self.batches.truths
+        out = detector_loss(loop.net, truths, seen)
         return out.cost, out.seeds
 
 
@@ -55,7 +55,7 @@ class TakeWeights(Hooks):
         self.taken += 1
 
 
-def run(model, hooks=(), wrap=None, skip=()):
+def run(model, hooks=(), wrap=None, skip=(), **options):
     from darkprune.data import load_data
     mini_batch, subdivisions = split_batch(model.graph, None, None)
     net = TrainingNetwork(model, np.float32, 0.1, 5)
@@ -63,7 +63,8 @@ def run(model, hooks=(), wrap=None, skip=()):
     feeder = BatchFeeder(load_data(VAL_DATA, split="train"), model.graph, mini_batch, 5)
     batches = wrap(feeder) if wrap else feeder
     hooks = hooks(batches) if callable(hooks) else hooks
-    settings = LoopSettings(iters=ITERS, mini_batch=mini_batch, subdivisions=subdivisions, seed=5, progress=False)
+    settings = LoopSettings(iters=ITERS, mini_batch=mini_batch, subdivisions=subdivisions, seed=5, progress=False,
+                            **options)
     return TrainingLoop(model, net, opt, finetune_schedule(model.graph, ITERS, 0.001), batches, settings,
                         hooks).run(), hooks
 
@@ -78,6 +79,19 @@ def test_extra_loss_on_unlabelled_batches_trains_as_the_heads_loss():
         for name, value in arrays.items():
             assert np.array_equal(taught_model.params[index][name], value), (index, name)
     assert taught_model.header.seen == plain_model.header.seen == ITERS * 4
+
+
+def test_task_weight_scales_the_heads_loss():
+    plain_model, replaced_model, doubled_model = tiny_yolo(), tiny_yolo(), tiny_yolo()
+    plain, _ = run(plain_model)
+    # the heads' loss switched off and given back by a hook: the same training
+    replaced, _ = run(replaced_model, hooks=[TeacherLoss(None)], task_weight=0.0)
+    assert replaced.history["loss"] == plain.history["loss"]
+    assert all(np.array_equal(replaced_model.params[i][k], v) for i, p in plain_model.params.items()
+               for k, v in p.items())
+    doubled, _ = run(doubled_model, task_weight=2.0)
+    assert np.allclose(doubled.history["loss"][0], 2 * plain.history["loss"][0], rtol=1e-6)
+    assert not np.array_equal(doubled_model.params[0]["weights"], plain_model.params[0]["weights"])
 
 
 def test_gradients_a_hook_takes_skip_the_optimizer():

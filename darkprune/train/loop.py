@@ -7,9 +7,9 @@
 One iteration k = 1, 2, ... (the schedule restarts, as `darknet ... train -clear` does) is one of Darknet's batches:
   for each of the `subdivisions` mini-batches s: batch = batches.get(k, s, next one to prepare); forward in training
       mode (batch-norm on the mini-batch's statistics, dropout drawn from (seed, k, s, 1)); the network's own loss
-      at its heads (when the batch has ground truth) plus every hook's `extra_loss`; backward; the parameter
-      gradients go through every hook's `on_gradients` (a hook may take some for itself) and are summed into the
-      optimizer's buffers;
+      at its heads (when the batch has ground truth; times `task_weight`) plus every hook's `extra_loss`; backward;
+      the parameter gradients go through every hook's `on_gradients` (a hook may take some for itself) and are
+      summed into the optimizer's buffers;
   rate = schedule.rate(k, rng (seed, k, 2)); one DarknetSGD update; every hook's `after_step`;
   Darknet's printed loss and its running average; a loss that is not finite stops the run (DarkpruneError);
   progress bar (tqdm, off with progress=False or DARKPRUNE_QUIET=1); every hook's `after_iteration(state)`;
@@ -109,6 +109,7 @@ class LoopSettings:
     resume: bool = False
     settings: dict = field(default_factory=dict)   # stored in checkpoints; a resume must match all but "iters"
     seen_base: int = 0                       # the model's header counts seen_base + the images of this run
+    task_weight: float = 1.0                 # the heads' own loss (and its gradient) times this; 0: not computed
     progress: bool = True
     leave_progress: bool = True
 
@@ -218,6 +219,12 @@ class TrainingLoop:
         write_checkpoint(self.settings.checkpoint_dir, k, self.model, self.optimizer, meta)
 
     # -- one iteration ------------------------------------------------------------------------------------------
+    def _task_loss(self, batch: TrainBatch, seen: int):
+        """The network's own loss at its heads (LossOutput), None when the batch has no ground truth for it."""
+        if self.detector:
+            return None if batch.truths is None else detector_loss(self.net, batch.truths, seen)
+        return None if batch.labels is None else classifier_loss(self.net, batch.labels)
+
     def _minibatch(self, k: int, s: int) -> tuple[float, dict]:
         """Forward, losses, backward and gradient accumulation of mini-batch s of iteration k: (cost, head stats)."""
         cfg = self.settings
@@ -226,14 +233,12 @@ class TrainingLoop:
         seen = self.seen + cfg.mini_batch * (s + 1)
         self.net.forward(batch.images, train=True, rng=np.random.default_rng([cfg.seed, k, s, 1]), outputs=[])
         cost, seeds, stats = 0.0, {}, {}
-        if self.detector and batch.truths is not None:
-            task = detector_loss(self.net, batch.truths, seen)
-        elif not self.detector and batch.labels is not None:
-            task = classifier_loss(self.net, batch.labels)
-        else:
-            task = None
+        task = self._task_loss(batch, seen) if cfg.task_weight else None
         if task is not None:
             cost, seeds, stats = task.cost, dict(task.seeds), task.stats
+            if cfg.task_weight != 1:
+                weight = cfg.task_weight
+                cost, seeds = cost * weight, {i: g * g.dtype.type(weight) for i, g in seeds.items()}
         for hook in self.hooks:
             extra = hook.extra_loss(self, batch, seen)
             if extra is not None:
