@@ -27,9 +27,9 @@ import os
 import warnings
 from pathlib import Path
 
-from ..darknet.cfg import atomic_write_bytes
+from ..util.files import atomic_write_bytes
 from ..errors import DarkpruneError
-from ..jsonio import write_json
+from ..util.jsonio import write_json
 
 # Vitis AI's [pruning] keys -> our option names.
 VITIS_KEYS = {

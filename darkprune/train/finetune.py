@@ -60,7 +60,8 @@ from typing import Any
 
 import numpy as np
 
-from ..darknet.cfg import atomic_write_bytes
+from ..util.files import atomic_write_bytes
+from ..darknet.heads import is_detector, metric_name
 from ..darknet.model import Model
 from ..engine.blas import limit_threads
 from ..errors import DarkpruneError
@@ -255,7 +256,7 @@ class BatchFeeder:
         self.mini_batch = int(mini_batch)
         self.seed = int(seed)
         self.channels = graph.net["channels"]
-        self.detector = any(layer.type in ("yolo", "region") for layer in graph)
+        self.detector = is_detector(graph)
         if self.detector:
             if dataset.kind != "detection" or dataset.boxes is None:
                 raise DarkpruneError(f"{dataset.source}: a detector needs a detection dataset (label files with "
@@ -428,7 +429,7 @@ def _resolve_data(data, split: str):
 
 
 def _metric_name(model: Model) -> str:
-    return "map50" if any(layer.type in ("yolo", "region") for layer in model.graph) else "top1"
+    return metric_name(model.graph)
 
 
 def _snapshot(model: Model) -> dict:
@@ -694,7 +695,7 @@ def _load_best(ws, model: Model, sha: str | None) -> dict:
 def plot_history(path, history: dict, evaluations: list[dict], metric: str | None, start_at: int = 1) -> None:
     """The loss and average loss per iteration (and the metric at each evaluation, scaled onto the loss axis's
     range when both are drawn: see the legend) as a PNG."""
-    from ..plot import line_chart
+    from ..util.plot import line_chart
     xs = list(range(start_at, start_at + len(history["loss"])))
     series = [{"label": "avg loss", "x": xs, "y": history["avg_loss"], "marker": False, "highlight": True},
               {"label": "loss", "x": xs, "y": history["loss"], "marker": False}]
