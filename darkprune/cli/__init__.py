@@ -14,7 +14,7 @@ from .. import DarkpruneError, SettingError
 from ..util.progress import switch_off_progress
 # Each module registers its commands and parsers; this order is the order of `darkprune --help`.
 from . import info, run, prune, finetune, compress  # noqa: E402,F401,I001
-from .common import COMMANDS, build_parser, setting_message
+from .common import COMMANDS, build_parser, emit, setting_message
 
 __all__ = ["COMMANDS", "build_parser", "main"]
 
@@ -30,7 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     warnings.simplefilter("default")
     warnings.formatwarning = lambda msg, cat, *a, **k: f"warning: {msg}\n"
     try:
-        return COMMANDS[args.command](args) or 0
+        payload, text = COMMANDS[args.command](args)    # each command returns what it prints
+        emit(args, payload, text)
+        return 0
     except SettingError as exc:
         print(f"darkprune {args.command}: error: {setting_message(exc.setting, str(exc))}", file=sys.stderr)
         return 1

@@ -14,6 +14,7 @@ PARSERS: list = []          # functions that add a command module's sub-parsers
 
 
 def command(name: str):
+    """Register `fn(args) -> (payload, text)`: the dispatcher prints the payload as JSON (--json) or the text."""
     def register(fn):
         COMMANDS[name] = fn
         return fn

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import add_common, command, emit, given, logger, parsers, progress
+from .common import add_common, command, given, logger, parsers, progress
 
 KEYS = ["config", "sparsity", "clusters", "index_bits", "schedule", "finetune_iters", "centroid_iters", "init",
         "seed", "cfg", "weights", "data", "out", "workspace", "limit", "lr", "centroid_lr", "centroid_gradient",
@@ -16,20 +16,16 @@ KEYS = ["config", "sparsity", "clusters", "index_bits", "schedule", "finetune_it
 
 
 @command("compress")
-def cmd_compress(args) -> int:
+def cmd_compress(args) -> tuple[dict, str]:
     from ..workflow.compress_step import compress_settings, run_compress
     settings = compress_settings(given(args, KEYS))
-    report, text = run_compress(settings, progress=progress(args), log=logger(args))
-    emit(args, report, text)
-    return 0
+    return run_compress(settings, progress=progress(args), log=logger(args))
 
 
 @command("decompress")
-def cmd_decompress(args) -> int:
+def cmd_decompress(args) -> tuple[dict, str]:
     from ..workflow.compress_step import run_decompress
-    payload, text = run_decompress(args.model, args.out)
-    emit(args, payload, text)
-    return 0
+    return run_decompress(args.model, args.out)
 
 
 @parsers

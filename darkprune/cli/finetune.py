@@ -3,20 +3,17 @@ from __future__ import annotations
 
 import argparse
 
-from .common import add_common, command, emit, given, log, option_keys, parsers, progress
+from .common import add_common, command, given, logger, option_keys, parsers, progress
 
 KEYS = ["cfg", "weights", "data", "workspace", "config", "iters", "lr", "batch", "subdivisions", "checkpoint_every",
         "eval_every", "limit", "resume", "seed", "bn_momentum", "engine", "darknet", "gpus", "transformed", "threads"]
 
 
 @command("finetune")
-def cmd_finetune(args) -> int:
+def cmd_finetune(args) -> tuple[dict, str]:
     from ..workflow.finetune_step import finetune_settings, run_finetune
     s = finetune_settings(given(args, KEYS), option_keys())
-    darknet_log = (lambda line: None) if args.quiet else (lambda line: log(args, line))
-    payload, text = run_finetune(s, progress=progress(args), log=lambda m: log(args, m), darknet_log=darknet_log)
-    emit(args, payload, text)
-    return 0
+    return run_finetune(s, progress=progress(args), log=logger(args), darknet_log=logger(args))
 
 
 @parsers

@@ -1,24 +1,21 @@
 """`darkprune info` (the layer table) and `darkprune bench` (our engine against OpenCV's Darknet importer)."""
 from __future__ import annotations
 
-from .common import add_common, command, emit, parsers
+from .common import add_common, command, parsers
 
 
 @command("info")
-def cmd_info(args) -> int:
+def cmd_info(args) -> tuple[dict, str]:
     from ..workflow.inspect import describe
-    info, text = describe(args.cfg, args.weights, lenient=args.lenient)
-    emit(args, info, text)
-    return 0
+    return describe(args.cfg, args.weights, lenient=args.lenient)
 
 
 @command("bench")
-def cmd_bench(args) -> int:
+def cmd_bench(args) -> tuple[dict, str]:
     from ..workflow.timing import bench, format_bench
     result = bench(args.cfg, args.weights, batch=args.batch, threads=args.threads, repeats=args.repeats,
                    memory=args.memory)
-    emit(args, result, format_bench(result))
-    return 0
+    return result, format_bench(result)
 
 
 @parsers

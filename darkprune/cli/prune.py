@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 
 from .. import DarkpruneError
-from .common import add_common, command, emit, given, logger, option_keys, parsers, progress
+from .common import add_common, command, given, logger, option_keys, parsers, progress
 
 COMMON_KEYS = ["cfg", "weights", "data", "workspace", "config"]
 
@@ -22,15 +22,13 @@ def _settings(args, keys):
 
 
 @command("ana")
-def cmd_ana(args) -> int:
+def cmd_ana(args) -> tuple[dict, str]:
     from ..workflow.steps import ANA_KEYS, run_ana
-    payload, text = run_ana(_settings(args, ANA_KEYS), progress=progress(args), log=logger(args))
-    emit(args, payload, text)
-    return 0
+    return run_ana(_settings(args, ANA_KEYS), progress=progress(args), log=logger(args))
 
 
 @command("prune")
-def cmd_prune(args) -> int:
+def cmd_prune(args) -> tuple[dict, str]:
     from ..workflow.steps import PRUNE_KEYS, format_summary, run_prune
     s = _settings(args, PRUNE_KEYS)
     threshold, rate = s.number("threshold"), s.number("rate")
@@ -42,20 +40,17 @@ def cmd_prune(args) -> int:
     text = format_summary(f"prune {what}: {summary['groups_pruned']} groups, {summary['channels_pruned']} channels "
                           f"masked (predicted {metric} loss {summary['predicted_loss']:.4f}, measured "
                           f"{summary['measured_loss']:.4f} on {summary['images']} images)", summary)
-    emit(args, summary, text + f"\nwritten: {files['cfg']}, {files['weights']}, {files['masks']}")
-    return 0
+    return summary, text + f"\nwritten: {files['cfg']}, {files['weights']}, {files['masks']}"
 
 
 @command("transform")
-def cmd_transform(args) -> int:
+def cmd_transform(args) -> tuple[dict, str]:
     from ..workflow.steps import TRANSFORM_KEYS, run_transform
-    summary, text = run_transform(_settings(args, TRANSFORM_KEYS))
-    emit(args, summary, text)
-    return 0
+    return run_transform(_settings(args, TRANSFORM_KEYS))
 
 
 @command("sweep")
-def cmd_sweep(args) -> int:
+def cmd_sweep(args) -> tuple[dict, str]:
     from ..workflow.sweep import format_sweep, sweep
     s = _settings(args, ["thresholds", "rates", "criterion", "limit", "exclude", "divisible", "batch",
                          "no_prefix_cache"])
@@ -66,13 +61,25 @@ def cmd_sweep(args) -> int:
                    exclude=s.names("exclude"), divisible=s.whole("divisible") or 1, batch=s.whole("batch") or 16,
                    progress=progress(args), prefix_cache=not s["no_prefix_cache"], log=logger(args),
                    timing_repeats=_repeats(args))
-    emit(args, result, format_sweep(result))
-    return 0
+    return result, format_sweep(result)
 
 
 def _repeats(args):
     from ..workflow.settings import parse_whole
     return parse_whole(args.timing_repeats, "timing_repeats")
+
+
+def _analysis_flags(p) -> None:
+    """The sensitivity analysis' settings (ana, and sweep's one analysis)."""
+    p.add_argument("--rates", help="comma-separated pruning rates to try, each in (0, 1) (default 0.1,...,0.9)")
+    p.add_argument("--criterion", choices=["l1", "bn"], help="channel importance: filter L1 norm (default) or "
+                                                             "batch-norm |gamma|")
+    p.add_argument("--limit", type=int, help="evaluate on the first N validation images only")
+    p.add_argument("--exclude", help="comma list of layers never pruned (names as `info` prints them, or indexes)")
+    p.add_argument("--divisible", type=int, help="round kept channels up to a multiple of N (default 1)")
+    p.add_argument("--batch", type=int, help="images per forward pass (default 16)")
+    p.add_argument("--no-prefix-cache", dest="no_prefix_cache", action="store_true",
+                   help="recompute every layer for every evaluation (slower; for comparison)")
 
 
 @parsers
@@ -93,17 +100,9 @@ def add_parsers(sub) -> None:
              "resumes where it stopped. --shard I/N analyses every N-th group only (for N processes or machines\n"
              "sharing the work on one workspace); --merge then joins the shard files.")
     p.add_argument("--data", help="Darknet .data file (its valid= list is measured)")
-    p.add_argument("--rates", help="comma-separated pruning rates to try, each in (0, 1) (default 0.1,...,0.9)")
-    p.add_argument("--criterion", choices=["l1", "bn"], help="channel importance: filter L1 norm (default) or "
-                                                             "batch-norm |gamma|")
-    p.add_argument("--limit", type=int, help="evaluate on the first N validation images only")
+    _analysis_flags(p)
     p.add_argument("--shard", help="I/N: analyse only the I-th of N shares of the groups")
     p.add_argument("--merge", action="store_true", help="join the shard files into sensitivity.json")
-    p.add_argument("--exclude", help="comma list of layers never pruned (names as `info` prints them, or indexes)")
-    p.add_argument("--divisible", type=int, help="round kept channels up to a multiple of N (default 1)")
-    p.add_argument("--batch", type=int, help="images per forward pass (default 16)")
-    p.add_argument("--no-prefix-cache", dest="no_prefix_cache", action="store_true",
-                   help="recompute every layer for every evaluation (slower; for comparison)")
 
     p = base("prune", "step 2: choose per-layer rates and mask the pruned channels",
              "--threshold LOSS: each channel group gets the largest analysed rate whose own accuracy loss (and that\n"
@@ -134,16 +133,9 @@ def add_parsers(sub) -> None:
              "A threshold is the accuracy loss each channel group may cost on its own. Each row shows the measured\n"
              "loss of the pruned model, the loss predicted by adding up its groups' own losses, and the promise:\n"
              "loss <= groups x (threshold + noise), noise being the largest gain any group showed when pruned alone.")
-    p.add_argument("--data", help="Darknet .data file")
+    p.add_argument("--data", help="Darknet .data file (its valid= list is measured)")
     p.add_argument("--thresholds", help="comma-separated thresholds (default 0.005,0.01,0.02,0.05)")
-    p.add_argument("--rates", help="rates the analysis tries (default 0.1,...,0.9)")
-    p.add_argument("--criterion", choices=["l1", "bn"], help="channel importance (default l1)")
-    p.add_argument("--limit", type=int, help="use the first N validation images only")
-    p.add_argument("--exclude", help="comma list of layers never pruned")
-    p.add_argument("--divisible", type=int, help="round kept channels up to a multiple of N (default 1)")
-    p.add_argument("--batch", type=int, help="images per forward pass (default 16)")
-    p.add_argument("--no-prefix-cache", dest="no_prefix_cache", action="store_true",
-                   help="recompute every layer in the analysis (slower; for comparison)")
+    _analysis_flags(p)
     p.add_argument("--timing-repeats", type=int, default=15,
                    help="interleaved rounds when timing the models (default 15; the median counts)")
 

@@ -10,11 +10,11 @@ from __future__ import annotations
 import time
 
 from .. import DarkpruneError
-from .common import add_common, check_positive, command, emit, log, logger, parsers
+from .common import add_common, check_positive, command, log, logger, parsers
 
 
 @command("run")
-def cmd_run(args) -> int:
+def cmd_run(args) -> tuple[dict, str]:
     from ..workflow.images import run_images
     check_positive(args.batch, "--batch")
     if not 0 <= args.thresh <= 1:
@@ -29,13 +29,11 @@ def cmd_run(args) -> int:
             print("\n".join(lines), flush=True)
     count = len(records)
     log(args, f"{count} image{'s' if count != 1 else ''} in {time.perf_counter() - started:.2f} s")
-    if args.json:
-        emit(args, {"images": records}, "")
-    return 0
+    return {"images": records}, ""      # the text was printed image by image
 
 
 @command("eval")
-def cmd_eval(args) -> int:
+def cmd_eval(args) -> tuple[dict, str]:
     from ..workflow.inspect import measure
     check_positive(args.batch, "--batch")
     check_positive(args.limit, "--limit")
@@ -43,12 +41,9 @@ def cmd_eval(args) -> int:
         raise DarkpruneError(f"--thresh must be between 0 and 1, not {args.thresh}")
     if not 0 < args.iou_thresh <= 1:
         raise DarkpruneError(f"--iou-thresh must be in (0, 1], not {args.iou_thresh}")
-    metrics, text = measure(args.cfg, args.weights, args.data, args.limit, batch=args.batch, thresh=args.thresh,
-                            iou_thresh=args.iou_thresh, points=args.points,
-                            letterbox=True if args.letterbox else None, resize=args.resize,
-                            cache=not args.no_cache, progress=not args.quiet)
-    emit(args, metrics, text)
-    return 0
+    return measure(args.cfg, args.weights, args.data, args.limit, batch=args.batch, thresh=args.thresh,
+                   iou_thresh=args.iou_thresh, points=args.points, letterbox=True if args.letterbox else None,
+                   resize=args.resize, cache=not args.no_cache, progress=not args.quiet)
 
 
 @parsers

@@ -26,12 +26,12 @@ from ..darknet import load
 from ..errors import DarkpruneError
 
 
-def set_threads(threads: int) -> None:
-    """Both engines on `threads` threads (the policy in the module doc)."""
+def set_threads(threads: int) -> bool:
+    """Both engines on `threads` threads (the policy in the module doc). True when the BLAS library was reachable."""
     import cv2
     from ..engine import blas
-    blas.set_threads(threads)
     cv2.setNumThreads(threads)
+    return blas.set_threads(threads)
 
 
 def _median_ms(fn, repeats: int, warmup: int) -> float:
