@@ -58,17 +58,25 @@ def _masked_model(s: Settings, ws: Workspace, log):
     return model, masks
 
 
+def _values(s: Settings) -> dict:
+    """The numeric settings, checked before anything is written."""
+    return {"iters": s.whole("iters"), "learning_rate": s.number("lr"), "batch": s.whole("batch"),
+            "subdivisions": s.whole("subdivisions"), "limit": s.whole("limit"), "threads": s.whole("threads"),
+            "checkpoint_every": s.whole("checkpoint_every"), "eval_every": s.whole("eval_every"),
+            "seed": s.whole("seed", low=0) or 0, "bn_momentum": s.number("bn_momentum")}
+
+
 def run_finetune(s: Settings, progress: bool = True, log=_quiet, darknet_log=None) -> tuple[dict, str]:
     """Finetune as the settings say; returns the payload and the text the command prints."""
     ws = Workspace(s["workspace"])
     model, masks = _masked_model(s, ws, log)
-    threads = s.whole("threads")
-    if threads:
+    v = _values(s)
+    if v["threads"]:
         from ..engine.blas import set_threads
-        set_threads(threads)
+        set_threads(v["threads"])
     ws.save_config("finetune", {k: s.get(k) for k in ["cfg", "weights", "data", "workspace"] + KEYS})
     if s["engine"] == "darknet":
-        return _darknet(s, model, masks, ws, progress, darknet_log)
+        return _darknet(s, v, model, masks, ws, progress, darknet_log)
     if s["engine"] != "numba":
         raise SettingError("engine", f"engine {s['engine']}: expected numba or darknet")
     if s["transformed"]:
@@ -76,11 +84,10 @@ def run_finetune(s: Settings, progress: bool = True, log=_quiet, darknet_log=Non
                                           "exactly)")
     from ..train.finetune import finetune
     started = time.perf_counter()
-    result = finetune(model, s["data"], iters=s.whole("iters"), batch=s.whole("batch"),
-                      subdivisions=s.whole("subdivisions"), learning_rate=s.number("lr"), workspace=ws.path,
-                      checkpoint_every=s.whole("checkpoint_every"), eval_every=s.whole("eval_every"),
-                      eval_data=s["data"], eval_limit=s.whole("limit"), resume=s["resume"],
-                      seed=s.whole("seed", low=0) or 0, progress=progress, bn_momentum=s.number("bn_momentum"))
+    result = finetune(model, s["data"], iters=v["iters"], batch=v["batch"], subdivisions=v["subdivisions"],
+                      learning_rate=v["learning_rate"], workspace=ws.path, checkpoint_every=v["checkpoint_every"],
+                      eval_every=v["eval_every"], eval_data=s["data"], eval_limit=v["limit"], resume=s["resume"],
+                      seed=v["seed"], progress=progress, bn_momentum=v["bn_momentum"])
     payload = result.to_json()
     payload.update({"engine": "numba", "masks_held": masks is not None,
                     "channels_pruned": masks.total_pruned if masks is not None else 0,
@@ -97,17 +104,17 @@ def _pruned_zero(model, masks) -> bool:
     return all(not model.params[i][n][~m].any() for (i, n), m in keep.items())
 
 
-def _darknet(s: Settings, model, masks, ws: Workspace, progress: bool, darknet_log) -> tuple[dict, str]:
+def _darknet(s: Settings, v: dict, model, masks, ws: Workspace, progress: bool, darknet_log) -> tuple[dict, str]:
     from ..darknet import load
     from ..darknet.heads import metric_name
     from ..evaluate import evaluate
     from .darknet_handoff import darknet_finetune
-    limit, iters = s.whole("limit"), s.whole("iters")
+    limit, iters = v["limit"], v["iters"]
     before = evaluate(model, s["data"], limit=limit, progress=progress)
     result = darknet_finetune(model, s["data"], ws.path, iters=iters, darknet=s.get("darknet"),
-                              learning_rate=s.number("lr"), batch=s.whole("batch"),
-                              subdivisions=s.whole("subdivisions"), gpus=s.get("gpus"), masks=masks,
-                              transformed=s["transformed"], log=darknet_log or _quiet)
+                              learning_rate=v["learning_rate"], batch=v["batch"], subdivisions=v["subdivisions"],
+                              gpus=s.get("gpus"), masks=masks, transformed=s["transformed"],
+                              log=darknet_log or _quiet)
     trained = load(result.files["cfg"], result.files["weights"])
     after = evaluate(trained, s["data"], limit=limit, progress=progress)
     metric = metric_name(model.graph)

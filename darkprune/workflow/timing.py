@@ -6,8 +6,10 @@ sweep's table), so that a change in the machine's load hits them alike.
 
 One thread policy for every timing (bench, sweep, benchmarks/): N threads means numba's pool gets N and the BLAS
 library 1, as the engine runs (engine/blas.set_threads: the engine splits its GEMMs across numba's threads itself, and
-two thread pools on the same cores stall each other), and OpenCV gets N. Peak memory is measured in a fresh child process per engine, as the
-rise of the process's peak resident set during inference over its resident set just before it.
+two thread pools on the same cores stall each other), and OpenCV gets N.
+
+Peak memory is measured in a fresh child process per engine, as the rise of the process's peak resident set during
+inference over its resident set just before it.
 """
 from __future__ import annotations
 
