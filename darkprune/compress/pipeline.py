@@ -691,7 +691,7 @@ class _Trainer:
         from tqdm import tqdm
 
         from darkprune.engine.batchnorm import DARKNET_MOMENTUM
-        from darkprune.evaluate import progress_enabled
+        from darkprune.util.progress import progress_enabled
         from darkprune.train import losses
         from darkprune.train.backprop import TrainingNetwork, trainable_parameters
         from darkprune.train.finetune import BatchFeeder, finetune_schedule

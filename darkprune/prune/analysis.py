@@ -570,7 +570,8 @@ def analyze(model: Model, data, rates=DEFAULT_RATES, criterion: str = "l1", limi
     curve)` is called after each group is saved. `prepare()` is called once, after every input was checked and the
     baseline measured, before anything is written (the CLI creates the workspace there, so that a refused run leaves
     nothing behind). `prefix_cache=False` evaluates every variant from the input."""
-    from ..evaluate import evaluate, load_dataset, progress_enabled
+    from ..evaluate import evaluate, load_dataset
+    from ..util.progress import progress_enabled
 
     rates = _check_rates(rates)
     if criterion not in CRITERIA:

@@ -450,7 +450,8 @@ def finetune(model: Model, data, iters: int | None = None, masks=None, batch: in
              data_threads: int = 2) -> FinetuneResult:
     """Finetune `model` in place on `data` (a .data path, whose train= list is used, or a Dataset); see the module
     doc. Returns a FinetuneResult; `result.model` is `model`, holding the kept weights."""
-    from ..evaluate import evaluate, progress_enabled
+    from ..evaluate import evaluate
+    from ..util.progress import progress_enabled
     from ..util.folder import Folder as Workspace   # the run's output folder
     from tqdm import tqdm
 

@@ -40,7 +40,7 @@ import numpy as np
 from ..util.files import atomic_write_bytes
 from ..darknet.heads import is_detector
 from ..darknet.model import Model
-from ..errors import DarkpruneError
+from ..errors import DarkpruneError, SettingError
 from ..train.finetune import _hold, finetune_schedule, parameter_masks
 from .workspace import Workspace
 
@@ -68,14 +68,16 @@ def find_darknet(darknet: str | os.PathLike | None) -> str:
     if os.sep in name or (os.altsep and os.altsep in name):
         path = Path(name)
         if not path.is_file():
-            raise DarkpruneError(f"{name}: no such file; pass --darknet with the path of a built darknet executable")
+            raise SettingError("darknet", f"darknet {name}: no such file; give the path of a built darknet "
+                                          f"executable")
         if not os.access(path, os.X_OK):
-            raise DarkpruneError(f"{name}: not executable (chmod +x it, or pass the built darknet binary)")
+            raise SettingError("darknet", f"darknet {name}: not executable (chmod +x it, or give the built darknet "
+                                          f"binary)")
         return str(path.resolve())
     found = shutil.which(name)
     if found is None:
-        raise DarkpruneError(f"{name}: Darknet executable not found on PATH; build AlexeyAB's darknet and pass "
-                             f"--darknet /path/to/darknet")
+        raise SettingError("darknet", f"darknet {name}: Darknet executable not found on PATH; build AlexeyAB's "
+                                      f"darknet and give the path of its executable")
     return found
 
 
