@@ -154,20 +154,23 @@ def test_no_import_from_a_lower_layer_to_a_higher_one():
     assert not upward, "imports pointing up the layer order:\n" + "\n".join(upward)
 
 
+def _in_cli(module: str) -> bool:
+    return module == "darkprune.cli" or module.startswith("darkprune.cli.")
+
+
 def test_nothing_in_the_package_imports_the_command_line():
     offenders = [f"{m} imports {t}" for m, targets in import_graph().items() for t in targets
-                 if (t == "darkprune.cli" or t.startswith("darkprune.cli."))
-                 and not (m == "darkprune.cli" or m.startswith("darkprune.cli.") or m == "darkprune.__main__")]
+                 if _in_cli(t) and not (_in_cli(m) or m == "darkprune.__main__")]
     assert not offenders, "\n".join(offenders)
 
 
 def test_the_command_line_uses_the_public_api_and_the_workflow_only():
     offenders = []
     for module, targets in import_graph().items():
-        if not module.startswith("darkprune.cli"):
+        if not _in_cli(module):
             continue
         for target in targets:
-            if target.startswith("darkprune.cli"):
+            if _in_cli(target):
                 continue
             if not any(target == allowed or target.startswith(allowed + ".") and allowed != "darkprune"
                        for allowed in CLI_MAY_IMPORT):
