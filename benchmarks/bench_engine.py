@@ -21,7 +21,7 @@ MODELS = [
 
 
 def run_one(cfg, weights, batch, threads, repeats, memory):
-    code = ("import json,sys; from darkprune.bench import bench; a=json.loads(sys.argv[1]); "
+    code = ("import json,sys; from darkprune.workflow.timing import bench; a=json.loads(sys.argv[1]); "
             "print(json.dumps(bench(*a)))")
     args = json.dumps([str(cfg), str(weights) if weights else None, batch, threads, repeats, 2, memory])
     proc = subprocess.run([sys.executable, "-c", code, args], capture_output=True, text=True)

@@ -3,7 +3,7 @@
 For every convolutional layer of yolov4-tiny (416x416) and Yolo-Fastest 1.1 (320x320) (shapes walked from the cfgs in
 ../shared/assets), a one-layer Darknet cfg + weights is written to a temp folder and loaded with
 cv2.dnn.readNetFromDarknet; the same layer (batch-norm folded, activation fused) runs through our Conv2dPlan.
-Both use the same thread count (cv2.setNumThreads / darkprune.engine.blas.set_threads). Runs alternate in blocks
+Both use the same thread count (darkprune.workflow.timing.set_threads). Runs alternate in blocks
 (5 of ours, 5 of OpenCV's, ...) so that load from other processes hits both alike without the two thread pools
 fighting call by call; warm-ups excluded; median and min of the repeats. The per-network rows sum the layers
 (identical layers are timed once and counted). OpenCV's per-layer time includes its per-call overhead (setInput,
@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 import cv2  # noqa: E402
 
-from darkprune.engine import blas  # noqa: E402
+from darkprune.workflow.timing import set_threads  # noqa: E402
 from darkprune.engine.conv import (  # noqa: E402
     PATH_IM2COL,
     PATH_WINOGRAD,
@@ -188,8 +188,7 @@ def spec_key(s: dict):
 def run(args) -> dict:
     rng = np.random.default_rng(0)
     results = {"threads": args.threads, "opencv": cv2.__version__, "networks": {}}
-    cv2.setNumThreads(args.threads)
-    blas_ok = blas.set_threads(args.threads)
+    blas_ok = set_threads(args.threads)         # the timing harness' one thread policy
     print(f"threads={args.threads} (BLAS control: {'yes' if blas_ok else 'NOT FOUND'}), OpenCV {cv2.__version__}, "
           f"repeat={args.repeat}; ratio = ours / OpenCV (median of interleaved runs; < 1 means we are faster)")
     with tempfile.TemporaryDirectory() as folder:

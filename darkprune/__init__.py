@@ -16,10 +16,10 @@ import sys as _sys  # noqa: E402
 import types as _types  # noqa: E402
 
 from .darknet import Model, load          # noqa: E402
-from .errors import DarkpruneError        # noqa: E402
+from .errors import DarkpruneError, SettingError  # noqa: E402
 
-__all__ = ["__version__", "Model", "load", "DarkpruneError", "load_data", "evaluate", "detect", "finetune",
-           "analyze", "prune", "transform"]
+__all__ = ["__version__", "Model", "load", "DarkpruneError", "SettingError", "load_data", "evaluate", "detect",
+           "finetune", "analyze", "prune", "transform"]
 
 # Loaded on first use: they pull in the numba engine, OpenCV and tqdm (~2 s), which `import darkprune` (and so
 # `darkprune info`/`--help`) need not pay. `detect` and `evaluate` are also the names of submodules; when Python

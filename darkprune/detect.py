@@ -30,6 +30,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from darkprune.darknet.heads import DECODED_HEAD_TYPES, is_detector
 from darkprune.data.preprocess import darknet_resize, image_to_chw, load_image, preprocess_image
 from darkprune.engine.decode import Detections, HeadParams, decode_image, head_params
 from darkprune.engine.network import DARKNET_BN_EPS, Network
@@ -51,7 +52,6 @@ __all__ = [
 ]
 
 DETECT_MODES = ("darknet", "opencv")
-HEAD_TYPES = ("yolo", "region")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -70,12 +70,7 @@ def as_network(model_or_network: Any, bn_eps: float = DARKNET_BN_EPS) -> Network
 def detection_heads(graph) -> list[tuple[int, HeadParams]]:
     """``[(layer index, decode parameters)]`` of the ``[yolo]`` / ``[region]`` layers, in layer order."""
     return [(layer.index, head_params(dict(layer.attrs, type=layer.type))) for layer in graph
-            if layer.type in HEAD_TYPES]
-
-
-def is_detector(graph) -> bool:
-    """True when the network ends in ``[yolo]`` / ``[region]`` heads (otherwise it is treated as a classifier)."""
-    return bool(detection_heads(graph))
+            if layer.type in DECODED_HEAD_TYPES]
 
 
 def _check_mode(mode: str) -> None:

@@ -47,6 +47,7 @@ from darkprune.engine.decode import decode_image
 from darkprune.engine.network import Network
 from darkprune.errors import DarkpruneError
 from darkprune.metrics import ClassificationEvaluator, DetectionEvaluator
+from darkprune.util.progress import progress_enabled
 
 __all__ = ["MAP_THRESH", "MAP_NMS", "evaluate", "load_dataset", "progress_enabled"]
 
@@ -57,11 +58,6 @@ MAP_NMS = 0.45
 CLASSIFIER_CACHE_MODE = "darknet-crop"
 
 Forward = Callable[[np.ndarray], dict]
-
-
-def progress_enabled(progress: bool = True) -> bool:
-    """Progress bars unless switched off here or by ``DARKPRUNE_QUIET=1`` (the CLI's ``--quiet``/``--json``)."""
-    return bool(progress) and os.environ.get("DARKPRUNE_QUIET", "") not in ("1", "true", "yes")
 
 
 def load_dataset(data: Any, limit: int | None = None) -> Dataset:

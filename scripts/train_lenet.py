@@ -44,7 +44,7 @@ def main(argv=None) -> int:
     import numba
     numba.set_num_threads(max(1, min(args.threads, numba.config.NUMBA_NUM_THREADS)))
     import darkprune as dp
-    from darkprune.darknet.cfg import atomic_write_bytes
+    from darkprune.util.files import atomic_write_bytes
     from darkprune.train.finetune import finetune
 
     if not args.data.exists():

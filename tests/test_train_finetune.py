@@ -163,7 +163,7 @@ def test_corrupt_or_truncated_checkpoint_is_refused(tmp_path):
 
 
 def test_channel_masks_stay_exactly_zero(tmp_path):
-    from darkprune.cli_prune import transform_and_check
+    from darkprune.workflow.steps import transform_and_check
     model = tiny_yolo(3)
     masks = channel_masks(model)
     masked = apply_masks(model, masks)

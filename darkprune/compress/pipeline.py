@@ -50,12 +50,13 @@ from darkprune.compress.kmeans import INITS, share_weights
 from darkprune.compress.magnitude import (DEFAULT_CLUSTERS, DEFAULT_INDEX_BITS, PruneStep, apply_mask,
                                           format_schedule, magnitude_mask, parse_schedule, validate_schedule)
 from darkprune.compress.training import Trainer
-from darkprune.darknet.cfg import atomic_write_bytes, parse_cfg_text
+from darkprune.darknet.cfg import parse_cfg_text
+from darkprune.util.files import atomic_write_bytes
 from darkprune.darknet.graph import build_graph
 from darkprune.darknet.model import Model
 from darkprune.darknet.weights import WeightsHeader, layer_arrays
 from darkprune.errors import DarkpruneError
-from darkprune.jsonio import write_json
+from darkprune.util.jsonio import write_json
 
 COMPRESSIBLE_TYPES = ("convolutional", "connected")
 # Names that stand for every layer of a type in the per-layer options.
@@ -276,8 +277,8 @@ class CompressResult:
 # ------------------------------------------------------------------------------------------------------- evaluation
 
 def _metric_name(model) -> str:
-    from darkprune.detect import is_detector
-    return "map50" if is_detector(model.graph) else "top1"
+    from darkprune.darknet.heads import metric_name
+    return metric_name(model.graph)
 
 
 class _Evaluator:

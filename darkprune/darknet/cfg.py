@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from ..errors import DarkpruneError
+from ..util.files import atomic_write_bytes
 
 # Section names Darknet accepts, mapped to our canonical type names (parser.c: string_to_layer_type).
 SECTION_ALIASES = {
@@ -261,41 +262,6 @@ def read_cfg(path: str | os.PathLike) -> Cfg:
     except UnicodeDecodeError:
         text = data.decode("latin-1")
     return parse_cfg_text(text, path)
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes, inputs: Iterable[str | os.PathLike] = ()) -> None:
-    """Write to a temp file beside `path`, then rename, so a crash never leaves half a file. Refuses to overwrite
-    any of `inputs` (the files the result was computed from)."""
-    target = Path(path)
-    for src in inputs:
-        try:
-            if src and target.exists() and os.path.samefile(target, src):
-                raise DarkpruneError(f"{target}: refusing to overwrite an input file; choose another output name")
-        except FileNotFoundError:
-            pass
-    folder = target.parent if str(target.parent) else Path(".")
-    if not folder.is_dir():
-        raise DarkpruneError(f"{target}: output folder {folder} does not exist")
-    tmp = folder / f".{target.name}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    except PermissionError:
-        _silent_unlink(tmp)
-        raise DarkpruneError(f"{target}: cannot write here (permission denied)") from None
-    except OSError as exc:
-        _silent_unlink(tmp)
-        raise DarkpruneError(f"{target}: cannot write: {exc.strerror}") from None
-
-
-def _silent_unlink(path: Path) -> None:
-    try:
-        path.unlink()
-    except OSError:
-        pass
 
 
 def write_cfg(cfg: Cfg, path: str | os.PathLike, inputs: Iterable[str | os.PathLike] = ()) -> None:

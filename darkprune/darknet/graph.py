@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from ..errors import DarkpruneError
 from .cfg import Cfg, Section
+from .heads import HEAD_TYPES
 
 ACTIVATIONS = {
     "logistic", "loggy", "relu", "elu", "selu", "relie", "plse", "hardtan", "lhtan", "linear", "ramp", "leaky",
@@ -98,7 +99,7 @@ class Graph:
 
     def output_layers(self) -> list[int]:
         """Layers whose outputs the network reports: yolo/region/detection heads, else the last layer."""
-        heads = [l.index for l in self.layers if l.type in ("yolo", "region", "detection", "gaussian_yolo")]
+        heads = [l.index for l in self.layers if l.type in HEAD_TYPES]
         if heads:
             return heads
         idx = len(self.layers) - 1

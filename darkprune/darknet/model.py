@@ -7,7 +7,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DarkpruneError
-from .cfg import Cfg, atomic_write_bytes, read_cfg
+from ..util.files import atomic_write_bytes
+from .cfg import Cfg, read_cfg
 from .graph import Graph, build_graph
 from .weights import (WeightsHeader, expected_floats, random_params, read_header, read_weights, weights_bytes)
 

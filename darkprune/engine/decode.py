@@ -46,6 +46,7 @@ from typing import Any, Iterator, Mapping, NamedTuple, Sequence
 import numpy as np
 from numba import njit
 
+from darkprune.darknet.heads import DECODED_HEAD_TYPES
 from darkprune.errors import DarkpruneError
 
 __all__ = [
@@ -193,7 +194,7 @@ def head_params(params: HeadParams | Mapping[str, Any]) -> HeadParams:
         return params
     p = dict(params)
     kind = str(p.get("type", p.get("kind", "yolo"))).strip("[] ").lower()
-    if kind not in ("yolo", "region"):
+    if kind not in DECODED_HEAD_TYPES:
         raise DarkpruneError(f"cannot decode a [{kind}] layer: only [yolo] and [region] heads")
     anchors = _numbers(p.get("anchors"), float)
     mask = _numbers(p.get("mask"), int) if p.get("mask") not in (None, "") else None

@@ -38,7 +38,7 @@ from tqdm import tqdm
 from ..darknet.model import Model
 from ..engine.network import Network
 from ..errors import DarkpruneError
-from ..jsonio import write_json
+from ..util.jsonio import write_json
 from .criteria import CRITERIA, channel_scores, channels_to_prune
 from .groups import CROSS_CHANNEL_ACTIVATIONS, NONZERO_AT_ZERO, Group, Grouping, grouping_for
 from .masks import apply_masks, structure_fingerprint
@@ -180,7 +180,7 @@ class Sensitivity:
         return "\n".join(lines)
 
     def plot(self, path) -> None:
-        from ..plot import line_chart
+        from ..util.plot import line_chart
         series = [{"label": f"g{g} {','.join(self.groups.get(g, {}).get('members', []))}",
                    "x": [0.0] + sorted(self.curves[g]),
                    "y": [0.0] + [self.baseline - self.curves[g][r] for r in sorted(self.curves[g])]}
@@ -227,8 +227,8 @@ def resolve_exclude(model: Model, exclude) -> set[int]:
 
 
 def metric_name(model: Model) -> str:
-    from ..detect import is_detector
-    return "map50" if is_detector(model.graph) else "top1"
+    from ..darknet.heads import metric_name
+    return metric_name(model.graph)
 
 
 def evaluation_outputs(network: Network) -> list[int]:
@@ -570,7 +570,8 @@ def analyze(model: Model, data, rates=DEFAULT_RATES, criterion: str = "l1", limi
     curve)` is called after each group is saved. `prepare()` is called once, after every input was checked and the
     baseline measured, before anything is written (the CLI creates the workspace there, so that a refused run leaves
     nothing behind). `prefix_cache=False` evaluates every variant from the input."""
-    from ..evaluate import evaluate, load_dataset, progress_enabled
+    from ..evaluate import evaluate, load_dataset
+    from ..util.progress import progress_enabled
 
     rates = _check_rates(rates)
     if criterion not in CRITERIA:

@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..darknet.graph import Graph, Layer
+from ..darknet.heads import HEAD_TYPES
 from ..errors import DarkpruneError
 
 # Layers that make the channels they output (their filters / neurons are what pruning removes).
@@ -50,7 +51,6 @@ PRODUCER_TYPES = ("convolutional", "connected")
 # sam combine tied maps channel by channel).
 PASS_THROUGH_TYPES = {"route", "maxpool", "local_avgpool", "avgpool", "upsample", "dropout", "activation",
                       "batchnorm", "empty", "shortcut", "scale_channels", "sam"}
-HEAD_TYPES = {"yolo", "gaussian_yolo", "region", "detection"}
 # Layers that read the channels they are given by index through parameters (what transform must slice).
 CONSUMER_TYPES = {"convolutional", "connected", "batchnorm", "shortcut"}
 # Pass-through layers a constant non-zero channel may cross on its way to the multiplication that zeroes it.

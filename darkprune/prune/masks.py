@@ -26,7 +26,7 @@ import numpy as np
 from ..darknet.graph import Graph
 from ..darknet.model import Model
 from ..errors import DarkpruneError
-from ..jsonio import write_json
+from ..util.jsonio import write_json
 from .groups import Grouping, grouping_for
 
 FORMAT = "darkprune-masks"

@@ -40,6 +40,8 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 
+from ..darknet.heads import HEAD_TYPES
+
 
 def _uniform(rng: np.random.Generator, lo: float, hi: float) -> float:
     # rand_uniform / rand_uniform_strong: swapped bounds are allowed
@@ -107,7 +109,7 @@ class DetectionAugment:
         """[net] width/height/hue/saturation/exposure/flip/letter_box, jitter/max/classes of the last
         [yolo]/[region] layer (the one Darknet's train_detector reads them from)."""
         net = graph.cfg.net
-        heads = [l for l in graph.layers if l.type in ("yolo", "region", "gaussian_yolo", "detection")]
+        heads = [l for l in graph.layers if l.type in HEAD_TYPES]
         if not heads:
             raise ValueError("the network has no detection head")
         head = heads[-1]

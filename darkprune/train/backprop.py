@@ -42,6 +42,7 @@ import numba
 import numpy as np
 
 from ..darknet.graph import Layer
+from ..darknet.heads import DECODED_HEAD_TYPES
 from ..darknet.model import Model
 from ..engine import activations, conv, pool, reorg, route, sam, scale_channels, shortcut, softmax, upsample, yolo
 from ..engine import crop as crop_kernels
@@ -59,7 +60,7 @@ from .yolo_loss import region_loss, yolo_loss
 # leaky/relu keep the input's sign, logistic's derivative is y(1-y), linear's is 1.
 _FROM_OUTPUT = {"linear", "leaky", "revleaky", "relu", "logistic"}
 
-HEAD_TYPES = ("yolo", "region")
+HEAD_TYPES = DECODED_HEAD_TYPES   # the heads with a loss and a backward
 
 # Layers whose work (values in and out, times the filter size for convolutions) is below this run on one thread.
 SMALL_LAYER_WORK = 1 << 16

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..darknet.cfg import atomic_write_bytes
+from ..util.files import atomic_write_bytes
 from ..darknet.model import Model
 from ..errors import DarkpruneError
 from .optimizer import DarknetSGD

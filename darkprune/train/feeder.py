@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from ..darknet.heads import is_detector
 from ..errors import DarkpruneError
 from .backprop import TrainBatch
 
@@ -26,7 +27,7 @@ class BatchFeeder:
         self.mini_batch = int(mini_batch)
         self.seed = int(seed)
         self.channels = graph.net["channels"]
-        self.detector = any(layer.type in ("yolo", "region") for layer in graph)
+        self.detector = is_detector(graph)
         if self.detector:
             if dataset.kind != "detection" or dataset.boxes is None:
                 raise DarkpruneError(f"{dataset.source}: a detector needs a detection dataset (label files with "

@@ -55,7 +55,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..darknet.cfg import atomic_write_bytes
+from ..util.files import atomic_write_bytes
+from ..darknet.heads import is_detector, metric_name
 from ..darknet.model import Model
 from ..errors import DarkpruneError
 from .backprop import TrainingNetwork, trainable_parameters
@@ -290,7 +291,7 @@ def _resolve_data(data, split: str):
 
 
 def _metric_name(model: Model) -> str:
-    return "map50" if any(layer.type in ("yolo", "region") for layer in model.graph) else "top1"
+    return metric_name(model.graph)
 
 
 def _snapshot(model: Model) -> dict:
@@ -340,7 +341,7 @@ def finetune(model: Model, data, iters: int | None = None, masks=None, batch: in
     """Finetune `model` in place on `data` (a .data path, whose train= list is used, or a Dataset); see the module
     doc. Returns a FinetuneResult; `result.model` is `model`, holding the kept weights."""
     from ..prune.masks import Masks, structure_fingerprint
-    from ..prune.workspace import Workspace
+    from ..util.folder import Folder as Workspace   # the run's output folder
 
     graph = model.graph
     iters = _iteration_count(model, iters, checkpoint_every, eval_every)
@@ -428,7 +429,7 @@ def _load_best(ws, model: Model, sha: str | None) -> dict:
 def plot_history(path, history: dict, evaluations: list[dict], metric: str | None, start_at: int = 1) -> None:
     """The loss and average loss per iteration (and the metric at each evaluation, scaled onto the loss axis's
     range when both are drawn: see the legend) as a PNG."""
-    from ..plot import line_chart
+    from ..util.plot import line_chart
     xs = list(range(start_at, start_at + len(history["loss"])))
     series = [{"label": "avg loss", "x": xs, "y": history["avg_loss"], "marker": False, "highlight": True},
               {"label": "loss", "x": xs, "y": history["loss"], "marker": False}]

@@ -290,7 +290,7 @@ class TrainingLoop:
     def run(self) -> LoopResult:
         from tqdm import tqdm
 
-        from ..evaluate import progress_enabled
+        from ..util.progress import progress_enabled
         cfg = self.settings
         try:
             self._prepare_checkpoints()

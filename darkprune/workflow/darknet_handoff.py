@@ -37,10 +37,12 @@ from pathlib import Path
 
 import numpy as np
 
-from ..darknet.cfg import atomic_write_bytes
+from ..util.files import atomic_write_bytes
+from ..darknet.heads import is_detector
 from ..darknet.model import Model
-from ..errors import DarkpruneError
-from .finetune import finetune_schedule
+from ..errors import DarkpruneError, SettingError
+from ..train.finetune import _hold, finetune_schedule, parameter_masks
+from .workspace import Workspace
 
 FOLDER = "darknet"
 BASE = "finetune"
@@ -66,14 +68,16 @@ def find_darknet(darknet: str | os.PathLike | None) -> str:
     if os.sep in name or (os.altsep and os.altsep in name):
         path = Path(name)
         if not path.is_file():
-            raise DarkpruneError(f"{name}: no such file; pass --darknet with the path of a built darknet executable")
+            raise SettingError("darknet", f"darknet {name}: no such file; give the path of a built darknet "
+                                          f"executable")
         if not os.access(path, os.X_OK):
-            raise DarkpruneError(f"{name}: not executable (chmod +x it, or pass the built darknet binary)")
+            raise SettingError("darknet", f"darknet {name}: not executable (chmod +x it, or give the built darknet "
+                                          f"binary)")
         return str(path.resolve())
     found = shutil.which(name)
     if found is None:
-        raise DarkpruneError(f"{name}: Darknet executable not found on PATH; build AlexeyAB's darknet and pass "
-                             f"--darknet /path/to/darknet")
+        raise SettingError("darknet", f"darknet {name}: Darknet executable not found on PATH; build AlexeyAB's "
+                                      f"darknet and give the path of its executable")
     return found
 
 
@@ -192,10 +196,6 @@ def darknet_finetune(model: Model, data, workspace, iters: int | None = None, da
     """Train with Darknet (see the module doc). `model`: the (masked) model; `masks`: a Masks (default: the model's
     `.masks`); `data`: the .data path; `gpus`: "0,1"; `log(line)`: where Darknet's output goes (default stderr)."""
     from ..darknet import load
-    from ..prune.masks import Masks, apply_masks
-    from ..prune.workspace import Workspace
-    from .finetune import _hold, parameter_masks
-
     log = log or (lambda line: print(line, file=sys.stderr, flush=True))
     binary = find_darknet(darknet)
     if not isinstance(data, (str, os.PathLike)):
@@ -208,36 +208,13 @@ def darknet_finetune(model: Model, data, workspace, iters: int | None = None, da
     ws = Workspace(workspace)
     folder = ws.file(FOLDER)
     folder.mkdir(exist_ok=True)
-    detector = any(layer.type in ("yolo", "region") for layer in model.graph)
+    detector = is_detector(model.graph)
     iters = int(iters if iters is not None else model.graph.net["max_batches"])
     if iters <= 0:
         raise DarkpruneError("give the number of iterations (the cfg's max_batches is 0)")
-
     if masks is None:
         masks = getattr(model, "masks", None)
-    channel_masks = masks if isinstance(masks, Masks) else None
-    fine_grained = masks is not None and channel_masks is None
-    if transformed:
-        if fine_grained:
-            raise DarkpruneError("fine-grained (unstructured) masks cannot be expressed in a transformed model; "
-                                 "hand Darknet the masked pair instead")
-        if channel_masks is None:
-            raise DarkpruneError("transformed=True needs channel masks (a workspace with masks.json)")
-        from ..prune.transform import transform
-        trained = transform(apply_masks(model, channel_masks), channel_masks)
-        log("darkprune: Darknet trains the transformed (smaller, dense) model: the pruned channels are gone, nothing "
-            "needs holding")
-    else:
-        trained = apply_masks(model, channel_masks) if channel_masks is not None else model.copy()
-        if masks is not None:
-            keep, _ = parameter_masks(model, masks)
-            if fine_grained:
-                for (index, name), mask in keep.items():
-                    trained.params[index][name][~mask] = 0
-            log("darkprune: Darknet cannot hold masks (it updates every weight, so pruned channels and zeroed "
-                "weights come back to life); they are applied again to the weights it returns"
-                + ("; for channel pruning, --transformed trains the smaller dense model instead" if channel_masks
-                   is not None else ""))
+    trained, channel_masks = _model_to_train(model, masks, transformed, log)
 
     cfg = adjusted_cfg(trained, iters, learning_rate, batch, subdivisions)
     cfg_path = folder / f"{BASE}.cfg"
@@ -267,27 +244,59 @@ def darknet_finetune(model: Model, data, workspace, iters: int | None = None, da
     returned = load(cfg_path, result_path)
     files = {"darknet_folder": str(folder), "darknet_cfg": str(cfg_path), "darknet_data": str(data_file),
              "start_weights": str(weights_path)}
-    revived = {}
-    if transformed:
-        out = Model(trained.cfg, returned.graph, returned.params, returned.header)
-        cfg_out, w_out = ws.file("finetuned-transformed.cfg"), ws.file("finetuned-transformed.weights")
-    else:
-        out = Model(model.cfg, model.graph, returned.params, returned.header)
-        if masks is not None:
-            keep, stats = parameter_masks(model, masks)
-            count, largest = 0, 0.0
-            for (index, name), mask in keep.items():      # what Darknet revived, before it is cleared again
-                dead = out.params[index][name][~mask]
-                count += int(np.count_nonzero(dead))
-                largest = max(largest, float(np.abs(dead).max()) if dead.size else 0.0)
-            _hold(out, keep, stats)
-            revived = {"weights": count, "max_abs": largest}
-            if channel_masks is not None:
-                out.masks = channel_masks
-        cfg_out, w_out = ws.file("finetuned.cfg"), ws.file("finetuned.weights")
+    out, revived, (cfg_out, w_out) = _returned_model(model, trained, returned, masks, channel_masks, transformed, ws)
     out.save(cfg_out, w_out)
     files.update({"cfg": str(cfg_out), "weights": str(w_out)})
     best = backup / f"{BASE}_best.weights"
     if best.is_file():
         files["darknet_best"] = str(best)
     return HandoffResult(cmd, code, str(result_path), transformed, files, revived)
+
+
+def _model_to_train(model: Model, masks, transformed: bool, log):
+    """(the model Darknet trains, the channel masks or None): the transformed model, or the masked pair."""
+    from ..prune.masks import Masks, apply_masks
+    channel_masks = masks if isinstance(masks, Masks) else None
+    fine_grained = masks is not None and channel_masks is None
+    if transformed:
+        if fine_grained:
+            raise DarkpruneError("fine-grained (unstructured) masks cannot be expressed in a transformed model; "
+                                 "hand Darknet the masked pair instead")
+        if channel_masks is None:
+            raise DarkpruneError("transformed=True needs channel masks (a workspace with masks.json)")
+        from ..prune.transform import transform
+        log("darkprune: Darknet trains the transformed (smaller, dense) model: the pruned channels are gone, nothing "
+            "needs holding")
+        return transform(apply_masks(model, channel_masks), channel_masks), channel_masks
+    trained = apply_masks(model, channel_masks) if channel_masks is not None else model.copy()
+    if masks is not None:
+        keep, _ = parameter_masks(model, masks)
+        if fine_grained:
+            for (index, name), mask in keep.items():
+                trained.params[index][name][~mask] = 0
+        log("darkprune: Darknet cannot hold masks (it updates every weight, so pruned channels and zeroed "
+            "weights come back to life); they are applied again to the weights it returns"
+            + ("; for channel pruning, the transformed model (smaller and dense) can be trained instead"
+               if channel_masks is not None else ""))
+    return trained, channel_masks
+
+
+def _returned_model(model: Model, trained: Model, returned: Model, masks, channel_masks, transformed: bool, ws):
+    """The model Darknet returned, with the masks applied again: (model, what Darknet revived, (cfg, weights) out)."""
+    if transformed:
+        out = Model(trained.cfg, returned.graph, returned.params, returned.header)
+        return out, {}, (ws.file("finetuned-transformed.cfg"), ws.file("finetuned-transformed.weights"))
+    out = Model(model.cfg, model.graph, returned.params, returned.header)
+    revived = {}
+    if masks is not None:
+        keep, stats = parameter_masks(model, masks)
+        count, largest = 0, 0.0
+        for (index, name), mask in keep.items():      # what Darknet revived, before it is cleared again
+            dead = out.params[index][name][~mask]
+            count += int(np.count_nonzero(dead))
+            largest = max(largest, float(np.abs(dead).max()) if dead.size else 0.0)
+        _hold(out, keep, stats)
+        revived = {"weights": count, "max_abs": largest}
+        if channel_masks is not None:
+            out.masks = channel_masks
+    return out, revived, (ws.file("finetuned.cfg"), ws.file("finetuned.weights"))

@@ -26,71 +26,18 @@ from __future__ import annotations
 
 import math
 import os
-import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
-from .errors import DarkpruneError
+from ..errors import SettingError
+from .steps import transform_and_check, validation_set
+from .timing import latencies
+from .workspace import Workspace, check_workspace_path
 
 
 def _log_stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
-
-
-def latencies(models: list, repeats: int = 15, threads: int | None = None, opencv: bool = True) -> list[dict]:
-    """Batch-1 latency (ms, median and fastest run) of each model in our engine and in OpenCV, timed round-robin
-    (model 1, 2, ..., then again) after two warm-up runs each, on the same number of threads for both engines."""
-    import cv2
-    from .engine import blas
-    from .engine.network import Network
-    threads = threads or os.cpu_count() or 1
-    blas.set_threads(threads)
-    cv2.setNumThreads(threads)
-    rng = np.random.default_rng(0)
-    entries = []
-    with tempfile.TemporaryDirectory(prefix="darkprune-latency-") as tmp:
-        for k, model in enumerate(models):
-            c, h, w = model.input_shape
-            x = rng.random((1, c, h, w), dtype=np.float32)
-            network = Network(model)
-            entry = {"ours": [], "opencv": [], "run_ours": (lambda n=network, x=x: n.forward(x)), "run_cv": None}
-            if opencv:
-                cfg, weights = Path(tmp) / f"m{k}.cfg", Path(tmp) / f"m{k}.weights"
-                model.save(cfg, weights)
-                try:
-                    net = cv2.dnn.readNetFromDarknet(str(cfg), str(weights))
-                    net.setPreferableBackend(cv2.dnn.DNN_BACKEND_OPENCV)
-                    net.setPreferableTarget(cv2.dnn.DNN_TARGET_CPU)
-                    names = net.getUnconnectedOutLayersNames()
-
-                    def run_cv(net=net, x=x, names=names):
-                        net.setInput(x)
-                        net.forward(names)
-                    entry["run_cv"] = run_cv
-                except cv2.error:
-                    pass
-            entries.append(entry)
-        for entry in entries:
-            for _ in range(2):
-                entry["run_ours"]()
-                if entry["run_cv"]:
-                    entry["run_cv"]()
-        for _ in range(repeats):
-            for entry in entries:
-                t0 = time.perf_counter()
-                entry["run_ours"]()
-                entry["ours"].append((time.perf_counter() - t0) * 1000)
-                if entry["run_cv"]:
-                    t0 = time.perf_counter()
-                    entry["run_cv"]()
-                    entry["opencv"].append((time.perf_counter() - t0) * 1000)
-    return [{"ours_ms": statistics.median(e["ours"]), "ours_min_ms": min(e["ours"]),
-             "opencv_ms": statistics.median(e["opencv"]) if e["opencv"] else None,
-             "opencv_min_ms": min(e["opencv"]) if e["opencv"] else None} for e in entries]
 
 
 def _opencv_loads(cfg: Path, weights: Path) -> bool:
@@ -106,13 +53,13 @@ def check_thresholds(thresholds) -> list[float]:
     try:
         values = sorted({float(t) for t in thresholds})
     except (TypeError, ValueError):
-        raise DarkpruneError(f"--thresholds {thresholds}: expected numbers like 0.005,0.01,0.02") from None
+        raise SettingError("thresholds", f"thresholds {thresholds}: expected numbers like 0.005,0.01,0.02") from None
     if not values:
-        raise DarkpruneError("--thresholds: give at least one threshold, e.g. 0.005,0.01,0.02,0.05")
+        raise SettingError("thresholds", "thresholds: give at least one threshold, e.g. 0.005,0.01,0.02,0.05")
     bad = [t for t in values if math.isnan(t) or math.isinf(t) or t < 0]
     if bad:
-        raise DarkpruneError(f"--thresholds {','.join(f'{t:g}' for t in bad)}: a threshold is the accuracy loss a "
-                             f"layer may cost, a number >= 0")
+        raise SettingError("thresholds", f"thresholds {','.join(f'{t:g}' for t in bad)}: a threshold is the "
+                                         f"accuracy loss a layer may cost, a number >= 0")
     return values
 
 
@@ -126,40 +73,30 @@ def sweep(cfg, weights, data, workspace, thresholds, rates=None, criterion="l1",
           divisible=1, batch=16, progress=True, prefix_cache=True, log=_log_stderr, timing_repeats=15) -> dict:
     """Analyse once, then for each threshold prune, transform, evaluate, write the pair and time it. Returns the
     table as a dict: {"metric", "baseline", "images", "noise", "rows": [...], "json", "plot", ...}."""
-    from .darknet import load
-    from .evaluate import evaluate, load_dataset
-    from .prune.analysis import DEFAULT_RATES, _check_rates, analyze, resolve_exclude
-    from .prune.masks import apply_masks, live_stats, structure_fingerprint
-    from .prune.plan import check_threshold, masks_for_plan, plan_by_threshold
-    from .prune.workspace import Workspace
-    from .cli_prune import check_workspace_path, transform_and_check
+    from ..darknet import load
+    from ..prune.analysis import DEFAULT_RATES, _check_rates, resolve_exclude
+    from ..prune.masks import structure_fingerprint
+    from ..prune.plan import check_threshold
+    from .steps import check_criterion
 
     # every input is checked before anything is written
     thresholds = check_thresholds(thresholds)
     rates = _check_rates(rates or DEFAULT_RATES)
+    check_criterion(criterion)
     model = load(cfg, weights)
-    if not data:
-        raise DarkpruneError("darkprune sweep: --data F.data is required (the validation images to measure on)")
-    dataset = load_dataset(data, limit)
+    dataset = validation_set(data, limit)
     excluded = resolve_exclude(model, exclude)
     fingerprint = structure_fingerprint(model.graph)
     check_workspace_path(workspace)
     if Path(workspace).is_dir():
         Workspace(workspace, create=False).check_model(model, fingerprint)
-
-    def prepare():          # the baseline was measured: every input is fine, now the workspace may be written
-        ws = Workspace(workspace)
-        ws.bind_model(model, fingerprint)
-        ws.save_config("sweep", {"cfg": os.path.abspath(cfg), "weights": os.path.abspath(weights),
-                                 "data": os.path.abspath(data), "thresholds": thresholds, "rates": rates,
-                                 "criterion": criterion, "limit": limit, "exclude": list(exclude),
-                                 "divisible": divisible})
     started = time.perf_counter()
+    settings = {"cfg": os.path.abspath(cfg), "weights": os.path.abspath(weights), "data": os.path.abspath(data),
+                "thresholds": thresholds, "rates": rates, "criterion": criterion, "limit": limit,
+                "exclude": list(exclude), "divisible": divisible}
     log(f"sensitivity analysis of {cfg} on {len(dataset)} images of {data} (saved after each group; rerun to "
         f"resume)")
-    sens = analyze(model, dataset, rates=rates, criterion=criterion, divisible=divisible, exclude=exclude,
-                   out_path=Path(workspace) / "sensitivity.json", batch=batch, progress=progress,
-                   prefix_cache=prefix_cache, prepare=prepare)
+    sens = _analyse_once(model, dataset, workspace, fingerprint, settings, batch, progress, prefix_cache)
     ws = Workspace(workspace, create=False)
     sens.plot(ws.file("sensitivity.png"))
     for t in thresholds:
@@ -175,40 +112,14 @@ def sweep(cfg, weights, data, workspace, thresholds, rates=None, criterion="l1",
     out_dir = ws.file("sweep")
     out_dir.mkdir(exist_ok=True)
     for t in thresholds:
-        plan = plan_by_threshold(sens, t, divisible, excluded)
-        masks = masks_for_plan(model, plan)
-        masked = apply_masks(model, masks)
-        small, _ = transform_and_check(masked, masks)
-        stem = out_dir / f"t{t:g}"
-        cfg_out, weights_out = Path(f"{stem}.cfg"), Path(f"{stem}.weights")    # (t0.005: not with_suffix)
-        small.save(cfg_out, weights_out)
-        measured = float(evaluate(small, dataset, batch=batch, progress=progress)[sens.metric])
-        stats = live_stats(model, masks)
-        loss = sens.baseline - measured
-        row = {"threshold": t, "label": f"t={t:g}", sens.metric: measured, "loss": loss,
-               "predicted_loss": plan.predicted_loss, "loss_bound": len(masks.pruned) * t,
-               "promise": len(masks.pruned) * (t + noise),
-               "within_promise": loss <= len(masks.pruned) * (t + noise) + 1e-12,
-               "params": small.graph.total_params, "bflops": round(small.graph.total_bflops, 6),
-               "bflops_live_stats": round(stats["total_bflops"], 6), "params_live_stats": stats["total_params"],
-               "channels_pruned": masks.total_pruned, "groups_pruned": len(masks.pruned),
-               "group_rates": {str(g): r for g, r in sorted(plan.rates.items())},
-               "cfg": str(cfg_out), "weights": str(weights_out),
-               "opencv_loads": _opencv_loads(cfg_out, weights_out)}
+        row, small = _prune_at(model, sens, dataset, t, noise, divisible, excluded, out_dir, batch, progress)
         rows.append(row)
         models.append(small)
-        log(f"threshold {t:g}: {sens.metric} {measured:.4f} (loss {loss:+.4f}; predicted {plan.predicted_loss:.4f}; "
-            f"promise <= {row['promise']:.4f} for {len(masks.pruned)} groups: "
+        log(f"threshold {t:g}: {sens.metric} {row[sens.metric]:.4f} (loss {row['loss']:+.4f}; predicted "
+            f"{row['predicted_loss']:.4f}; promise <= {row['promise']:.4f} for {row['groups_pruned']} groups: "
             f"{'kept' if row['within_promise'] else 'NOT kept'}), {row['bflops']:.3f} BFLOPs, {row['params']:,} params")
     log(f"timing {len(models)} models (batch 1, our engine and OpenCV, {timing_repeats} interleaved rounds)")
-    for row, timing in zip(rows, latencies(models, repeats=timing_repeats)):
-        for key, value in timing.items():
-            row[key] = round(value, 3) if value is not None else None
-    base = rows[0]
-    for row in rows[1:]:          # from the fastest runs: the least disturbed by other processes
-        row["speedup_ours"] = round(base["ours_min_ms"] / row["ours_min_ms"], 3)
-        row["speedup_opencv"] = round(base["opencv_min_ms"] / row["opencv_min_ms"], 3) \
-            if base["opencv_min_ms"] and row["opencv_min_ms"] else None
+    _add_timings(rows, latencies(models, repeats=timing_repeats))
     result = {"metric": sens.metric, "baseline": sens.baseline, "images": sens.images, "noise": noise,
               "rates": sens.rates, "rows": rows, "sensitivity": str(ws.file("sensitivity.json")),
               "plot": str(ws.file("sweep.png")), "json": str(ws.file("sweep.json")),
@@ -219,8 +130,60 @@ def sweep(cfg, weights, data, workspace, thresholds, rates=None, criterion="l1",
     return result
 
 
+def _analyse_once(model, dataset, workspace, fingerprint, settings, batch, progress, prefix_cache):
+    from ..prune.analysis import analyze
+
+    def prepare():          # the baseline was measured: every input is fine, now the workspace may be written
+        ws = Workspace(workspace)
+        ws.bind_model(model, fingerprint)
+        ws.save_config("sweep", settings)
+    return analyze(model, dataset, rates=settings["rates"], criterion=settings["criterion"],
+                   divisible=settings["divisible"], exclude=settings["exclude"],
+                   out_path=Path(workspace) / "sensitivity.json", batch=batch, progress=progress,
+                   prefix_cache=prefix_cache, prepare=prepare)
+
+
+def _prune_at(model, sens, dataset, t, noise, divisible, excluded, out_dir, batch, progress):
+    """Prune at threshold t, transform, write the pair, evaluate it: (the table row, the small model)."""
+    from ..evaluate import evaluate
+    from ..prune.masks import apply_masks, live_stats
+    from ..prune.plan import masks_for_plan, plan_by_threshold
+    plan = plan_by_threshold(sens, t, divisible, excluded)
+    masks = masks_for_plan(model, plan)
+    masked = apply_masks(model, masks)
+    small, _ = transform_and_check(masked, masks)
+    stem = out_dir / f"t{t:g}"
+    cfg_out, weights_out = Path(f"{stem}.cfg"), Path(f"{stem}.weights")    # (t0.005: not with_suffix)
+    small.save(cfg_out, weights_out)
+    measured = float(evaluate(small, dataset, batch=batch, progress=progress)[sens.metric])
+    stats = live_stats(model, masks)
+    loss = sens.baseline - measured
+    row = {"threshold": t, "label": f"t={t:g}", sens.metric: measured, "loss": loss,
+           "predicted_loss": plan.predicted_loss, "loss_bound": len(masks.pruned) * t,
+           "promise": len(masks.pruned) * (t + noise),
+           "within_promise": loss <= len(masks.pruned) * (t + noise) + 1e-12,
+           "params": small.graph.total_params, "bflops": round(small.graph.total_bflops, 6),
+           "bflops_live_stats": round(stats["total_bflops"], 6), "params_live_stats": stats["total_params"],
+           "channels_pruned": masks.total_pruned, "groups_pruned": len(masks.pruned),
+           "group_rates": {str(g): r for g, r in sorted(plan.rates.items())},
+           "cfg": str(cfg_out), "weights": str(weights_out),
+           "opencv_loads": _opencv_loads(cfg_out, weights_out)}
+    return row, small
+
+
+def _add_timings(rows: list[dict], timings: list[dict]) -> None:
+    for row, timing in zip(rows, timings):
+        for key, value in timing.items():
+            row[key] = round(value, 3) if value is not None else None
+    base = rows[0]
+    for row in rows[1:]:          # from the fastest runs: the least disturbed by other processes
+        row["speedup_ours"] = round(base["ours_min_ms"] / row["ours_min_ms"], 3)
+        row["speedup_opencv"] = round(base["opencv_min_ms"] / row["opencv_min_ms"], 3) \
+            if base["opencv_min_ms"] and row["opencv_min_ms"] else None
+
+
 def _plot(result: dict, path) -> None:
-    from .plot import line_chart
+    from ..util.plot import line_chart
     m = result["metric"]
     rows = result["rows"]
     pruned = [r for r in rows if r["threshold"] is not None]

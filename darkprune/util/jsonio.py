@@ -18,5 +18,5 @@ def json_default(obj):
 
 def write_json(path: str | os.PathLike, data, indent: int | None = 1) -> None:
     """`data` as JSON (one trailing newline) into `path`, atomically (a temp file beside it, then a rename)."""
-    from .darknet.cfg import atomic_write_bytes
+    from .files import atomic_write_bytes
     atomic_write_bytes(path, (json.dumps(data, indent=indent, default=json_default) + "\n").encode("utf-8"))

@@ -7,7 +7,7 @@ import math
 import cv2
 import numpy as np
 
-from .darknet.cfg import atomic_write_bytes
+from .files import atomic_write_bytes
 
 
 def _palette(n: int) -> list[tuple[int, int, int]]:

@@ -1,12 +1,20 @@
 """Latency and memory of our engine against OpenCV's Darknet importer on the same cfg/weights/input.
 
 Both run the same batch with the same thread count; warm-up runs (JIT compilation, OpenCV's lazy init) are excluded
-and the median of repeated runs is reported. Peak memory is measured in a fresh child process per engine, as the
-rise of the process's peak resident set during inference over its resident set just before it.
+and the median of repeated runs is reported. `bench` times one model; `latencies` times several round-robin (the
+sweep's table), so that a change in the machine's load hits them alike.
+
+One thread policy for every timing (bench, sweep, benchmarks/): N threads means numba's pool gets N and the BLAS
+library 1, as the engine runs (engine/blas.set_threads: the engine splits its GEMMs across numba's threads itself, and
+two thread pools on the same cores stall each other), and OpenCV gets N.
+
+Peak memory is measured in a fresh child process per engine, as the rise of the process's peak resident set during
+inference over its resident set just before it.
 """
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -16,17 +24,16 @@ from pathlib import Path
 
 import numpy as np
 
-from .darknet import load
-from .errors import DarkpruneError
+from ..darknet import load
+from ..errors import DarkpruneError
 
 
-def set_threads(threads: int) -> None:
+def set_threads(threads: int) -> bool:
+    """Both engines on `threads` threads (the policy in the module doc). True when the BLAS library was reachable."""
     import cv2
-    import numba
-    from .engine import blas
-    numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
-    blas.set_blas_threads(threads)
+    from ..engine import blas
     cv2.setNumThreads(threads)
+    return blas.set_threads(threads)
 
 
 def _median_ms(fn, repeats: int, warmup: int) -> float:
@@ -56,7 +63,7 @@ def _opencv_net(model, folder: Path):
 
 def bench(cfg: str, weights: str | None = None, batch: int = 1, threads: int = 2, repeats: int = 10,
           warmup: int = 2, memory: bool = False) -> dict:
-    from .engine.network import Network
+    from ..engine.network import Network
     model = load(cfg, weights)
     set_threads(threads)
     c, h, w = model.input_shape
@@ -79,6 +86,55 @@ def bench(cfg: str, weights: str | None = None, batch: int = 1, threads: int = 2
         result["opencv_peak_mb"] = peak_memory_mb("opencv", cfg, weights, batch, threads)
         result["memory_ratio"] = round(result["ours_peak_mb"] / max(result["opencv_peak_mb"], 1e-9), 3)
     return result
+
+
+def latencies(models: list, repeats: int = 15, threads: int | None = None, opencv: bool = True) -> list[dict]:
+    """Batch-1 latency (ms, median and fastest run) of each model in our engine and in OpenCV, timed round-robin
+    (model 1, 2, ..., then again) after two warm-up runs each, on the same number of threads for both engines."""
+    import cv2
+    from ..engine.network import Network
+    set_threads(threads or os.cpu_count() or 1)
+    rng = np.random.default_rng(0)
+    entries = []
+    with tempfile.TemporaryDirectory(prefix="darkprune-latency-") as tmp:
+        for k, model in enumerate(models):
+            c, h, w = model.input_shape
+            x = rng.random((1, c, h, w), dtype=np.float32)
+            network = Network(model)
+            entry = {"ours": [], "opencv": [], "run_ours": (lambda n=network, x=x: n.forward(x)), "run_cv": None}
+            if opencv:
+                cfg, weights = Path(tmp) / f"m{k}.cfg", Path(tmp) / f"m{k}.weights"
+                model.save(cfg, weights)
+                try:
+                    net = cv2.dnn.readNetFromDarknet(str(cfg), str(weights))
+                    net.setPreferableBackend(cv2.dnn.DNN_BACKEND_OPENCV)
+                    net.setPreferableTarget(cv2.dnn.DNN_TARGET_CPU)
+                    names = net.getUnconnectedOutLayersNames()
+
+                    def run_cv(net=net, x=x, names=names):
+                        net.setInput(x)
+                        net.forward(names)
+                    entry["run_cv"] = run_cv
+                except cv2.error:
+                    pass
+            entries.append(entry)
+        for entry in entries:
+            for _ in range(2):
+                entry["run_ours"]()
+                if entry["run_cv"]:
+                    entry["run_cv"]()
+        for _ in range(repeats):
+            for entry in entries:
+                t0 = time.perf_counter()
+                entry["run_ours"]()
+                entry["ours"].append((time.perf_counter() - t0) * 1000)
+                if entry["run_cv"]:
+                    t0 = time.perf_counter()
+                    entry["run_cv"]()
+                    entry["opencv"].append((time.perf_counter() - t0) * 1000)
+    return [{"ours_ms": statistics.median(e["ours"]), "ours_min_ms": min(e["ours"]),
+             "opencv_ms": statistics.median(e["opencv"]) if e["opencv"] else None,
+             "opencv_min_ms": min(e["opencv"]) if e["opencv"] else None} for e in entries]
 
 
 def _status_kb(field: str) -> int:
@@ -107,7 +163,7 @@ def measure_peak_child(engine: str, cfg: str, weights: str | None, batch: int, t
     warm = np.random.default_rng(1).random((1, c, h, w), dtype=np.float32)
     x = np.random.default_rng(0).random((batch, c, h, w), dtype=np.float32)
     if engine == "ours":
-        from .engine.network import Network
+        from ..engine.network import Network
         network = Network(model)
         run = network.forward
     else:
@@ -129,7 +185,7 @@ def measure_peak_child(engine: str, cfg: str, weights: str | None, batch: int, t
 
 
 def peak_memory_mb(engine: str, cfg: str, weights: str | None, batch: int, threads: int) -> float:
-    code = ("import json,sys; from darkprune.bench import measure_peak_child as m; "
+    code = ("import json,sys; from darkprune.workflow.timing import measure_peak_child as m; "
             "print(json.dumps(m(*json.loads(sys.argv[1]))))")
     args = json.dumps([engine, str(cfg), str(weights) if weights else None, batch, threads])
     proc = subprocess.run([sys.executable, "-c", code, args], capture_output=True, text=True)

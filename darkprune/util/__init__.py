@@ -1,0 +1,2 @@
+"""The lowest layer: helpers that know nothing of Darknet (atomic file writes, JSON, output folders, the progress
+switch, PNG charts)."""

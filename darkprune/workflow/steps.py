@@ -1,0 +1,302 @@
+"""The pruning workflow's steps as functions that read and write a workspace: `ana` (sensitivity analysis), `prune`
+(choose rates, mask channels), `transform` (remove them). Each takes the step's Settings (workflow/settings.py),
+checks every input before the workspace is created or written to (a refused run leaves nothing behind), writes its
+results atomically (never over an input) and returns the payload the command prints (as a table or JSON).
+"""
+from __future__ import annotations
+
+import glob
+import time
+import warnings
+from pathlib import Path
+
+from ..errors import DarkpruneError, SettingError
+from ..util.files import atomic_write_text, refuse_overwrite
+from .settings import Settings
+from .workspace import Workspace, absolute_settings, check_workspace_path
+
+ANA_KEYS = ["rates", "criterion", "limit", "shard", "exclude", "divisible", "batch", "no_prefix_cache", "merge",
+            "ana_out_file"]
+PRUNE_KEYS = ["threshold", "rate", "exclude", "divisible", "limit", "batch", "prune_out_weights"]
+TRANSFORM_KEYS = ["out", "out_cfg"]
+
+
+def _quiet(message: str) -> None:
+    pass
+
+
+def load_trained(s: Settings):
+    from ..darknet import load
+    if not s.get("weights"):
+        raise DarkpruneError("the pruning workflow needs trained weights: give WEIGHTS (or weights= in the config)")
+    return load(s["cfg"], s["weights"])
+
+
+def validation_set(path, limit):
+    from ..evaluate import load_dataset
+    if not path:
+        raise SettingError("data", "data F.data is required (the validation images to measure on)")
+    return load_dataset(path, limit)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# ana
+
+def run_ana(s: Settings, progress: bool = True, log=_quiet) -> tuple[dict, str]:
+    """Sensitivity analysis (or, with `merge`, joining the shard files) into the workspace."""
+    model = load_trained(s)
+    inputs = [s["cfg"], s["weights"], s.get("data"), s.get("config")]
+    if s["merge"]:
+        sens, name = _merge_ana(s, model, log)
+    else:
+        sens, name = _analyse(s, model, inputs, progress, log)
+    ws = Workspace(s["workspace"], create=False)
+    png = ws.file("sensitivity.png" if not sens.shard else f"sensitivity.shard-{sens.shard[0]}-of-{sens.shard[1]}.png")
+    sens.plot(png)
+    written = [str(ws.file(name)), str(png)]
+    if s.get("ana_out_file"):
+        atomic_write_text(s["ana_out_file"], sens.table() + "\n", inputs)
+        written.append(str(s["ana_out_file"]))
+    if not sens.shard:
+        ws.update_summary("ana", {"baseline": sens.baseline, "metric": sens.metric, "groups": len(sens.curves),
+                                  "images": sens.images, "seconds": sens.seconds})
+    payload = {"sensitivity": str(ws.file(name)), "plot": str(png), "files": written, **sens.to_json()}
+    return payload, sens.table() + f"\n\nwritten: {', '.join(written)}"
+
+
+def _merge_ana(s: Settings, model, log):
+    from ..prune.analysis import merge_shards
+    from ..prune.masks import structure_fingerprint
+    ws = Workspace(s["workspace"], create=False)
+    ws.check_model(model, structure_fingerprint(model.graph))
+    files = sorted(glob.glob(str(ws.file("sensitivity.shard-*-of-*.json"))))
+    sens = merge_shards(files, model)
+    ws.bind_model(model, structure_fingerprint(model.graph))
+    sens.save(ws.file("sensitivity.json"))
+    log(f"merged {len(files)} shards: {ws.file('sensitivity.json')}")
+    return sens, "sensitivity.json"
+
+
+def check_criterion(criterion: str) -> str:
+    from ..prune.criteria import CRITERIA
+    if criterion not in CRITERIA:
+        raise SettingError("criterion", f"criterion {criterion}: expected one of {', '.join(CRITERIA)}")
+    return criterion
+
+
+def _analyse(s: Settings, model, inputs, progress, log):
+    from ..prune.analysis import _check_rates, analyze, resolve_exclude
+    from ..prune.masks import structure_fingerprint
+    # every input is checked before the workspace is created or touched
+    dataset = validation_set(s.get("data"), s.whole("limit"))
+    rates = _check_rates(s.numbers("rates"))
+    check_criterion(s["criterion"])
+    exclude = s.names("exclude")
+    resolve_exclude(model, exclude)
+    shard = s.shard()
+    divisible = s.whole("divisible") or 1
+    batch = s.whole("batch") or 16
+    if s.get("ana_out_file"):
+        refuse_overwrite(s["ana_out_file"], inputs, "ana_out_file")
+    fingerprint = structure_fingerprint(model.graph)
+    check_workspace_path(s["workspace"])
+    if Path(s["workspace"]).is_dir():
+        Workspace(s["workspace"], create=False).check_model(model, fingerprint)
+    name = f"sensitivity.shard-{shard[0]}-of-{shard[1]}.json" if shard else "sensitivity.json"
+
+    def prepare():      # the baseline was measured: every input is fine, now the workspace may be written
+        ws = Workspace(s["workspace"])
+        ws.bind_model(model, fingerprint)
+        ws.save_config("ana" if not shard else f"ana.shard-{shard[0]}-of-{shard[1]}",
+                       absolute_settings(s, ("cfg", "weights", "data", "rates", "criterion", "limit", "shard",
+                                             "exclude", "divisible", "batch")))
+    started = time.perf_counter()
+    sens = analyze(model, dataset, rates=rates, criterion=s["criterion"], divisible=divisible, exclude=exclude,
+                   shard=shard, out_path=Path(s["workspace"]) / name, batch=batch,
+                   prefix_cache=not s["no_prefix_cache"], progress=progress, prepare=prepare)
+    log(f"analysis done in {time.perf_counter() - started:.1f} s: {Path(s['workspace']) / name}")
+    return sens, name
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# prune
+
+def _sensitivity(ws, model):
+    from ..prune.analysis import Sensitivity, merge_shards
+    path = ws.file("sensitivity.json")
+    if path.exists():
+        sens = Sensitivity.load(path, model)
+    else:
+        shards = sorted(glob.glob(str(ws.file("sensitivity.shard-*-of-*.json"))))
+        if not shards:
+            raise DarkpruneError(f"{ws.path}: no sensitivity analysis in this workspace; run `darkprune ana` first")
+        sens = merge_shards(shards, model, path)
+    if not sens.complete:
+        left = [g for g in (sens.assigned or []) if g not in sens.curves]
+        raise DarkpruneError(f"{path}: the analysis is not finished ({len(left)} of {len(sens.assigned or [])} groups "
+                             f"left); rerun `darkprune ana` to resume it")
+    return sens
+
+
+def summary_rows(model, masks, before: dict | None, after: dict | None, metric: str) -> dict:
+    from ..prune.masks import live_stats
+    stats = live_stats(model, masks)
+    layers = [r for r in stats["layers"] if r["out_channels"] != r["out_channels_before"]
+              or r["params"] != r["params_before"]]
+    out = {
+        "metric": metric,
+        "metric_before": before.get(metric) if before else None,
+        "metric_after": after.get(metric) if after else None,
+        "params_before": stats["total_params_before"], "params_after": stats["total_params"],
+        "bflops_before": round(stats["total_bflops_before"], 6), "bflops_after": round(stats["total_bflops"], 6),
+        "layers": [{k: r[k] for k in ("index", "name", "type", "out_channels_before", "out_channels",
+                                       "params_before", "params", "bflops_before", "bflops")} for r in layers],
+    }
+    out["params_ratio"] = round(out["params_after"] / max(out["params_before"], 1), 4)
+    out["bflops_ratio"] = round(out["bflops_after"] / max(out["bflops_before"], 1e-12), 4)
+    return out
+
+
+def format_summary(title: str, s: dict) -> str:
+    lines = [title, f"{'layer':>6} {'name':<12}{'type':<15}{'channels':>15}{'params':>20}{'BFLOPs':>18}"]
+    for r in s["layers"]:
+        lines.append(f"{r['index']:6d} {r['name']:<12}{r['type']:<15}"
+                     f"{r['out_channels_before']:>7} -> {r['out_channels']:<5}"
+                     f"{r['params_before']:>9} -> {r['params']:<8}{r['bflops_before']:8.4f} -> {r['bflops']:.4f}")
+    m = s["metric"]
+    if s.get("metric_before") is not None:
+        change = s["metric_after"] - s["metric_before"] if s.get("metric_after") is not None else None
+        lines.append(f"{m:>10}: {s['metric_before']:.4f} -> " +
+                     (f"{s['metric_after']:.4f} ({change:+.4f})" if change is not None else "(not measured)"))
+    lines.append(f"{'params':>10}: {s['params_before']:,} -> {s['params_after']:,} (x{s['params_ratio']:.3f})")
+    lines.append(f"{'BFLOPs':>10}: {s['bflops_before']:.4f} -> {s['bflops_after']:.4f} (x{s['bflops_ratio']:.3f})")
+    return "\n".join(lines)
+
+
+def run_prune(s: Settings, progress: bool = True) -> dict:
+    """Choose the per-group rates (by threshold or by rate) and write the masked pair, the masks and the plan."""
+    from ..prune.analysis import resolve_exclude
+    from ..prune.masks import structure_fingerprint
+    threshold, rate = s.number("threshold"), s.number("rate")
+    if (threshold is None) == (rate is None):
+        raise DarkpruneError("darkprune prune: give exactly one of a threshold (the loss each layer may cost) or a "
+                             "rate (the share of BFLOPs to remove)")
+    model = load_trained(s)
+    ws = Workspace(s["workspace"], create=False)
+    ws.check_model(model, structure_fingerprint(model.graph))
+    sens = _sensitivity(ws, model)
+    excluded = resolve_exclude(model, s.names("exclude"))
+    divisible = s.whole("divisible") or sens.divisible
+    if divisible != sens.divisible:
+        where = s.where("divisible")
+        warnings.warn(f"{where + ': divisible=' if where else 'divisible '}{divisible}: the analysis was measured "
+                      f"with divisible={sens.divisible}, so its losses are for slightly different channel counts")
+    plan = _plan(model, sens, threshold, rate, divisible, excluded)
+    inputs = [s["cfg"], s["weights"], s.get("data"), s.get("config")]
+    files = {"cfg": ws.file("pruned.cfg"), "weights": Path(s.get("prune_out_weights") or ws.file("pruned.weights")),
+             "masks": ws.file("masks.json"), "plan": ws.file("plan.json")}
+    for target in (files["weights"], files["cfg"]):
+        refuse_overwrite(target, inputs, "the pruned model")
+    dataset = validation_set(s.get("data") or sens.data, s.whole("limit") or sens.images)
+    return _mask_and_measure(s, model, ws, sens, plan, dataset, files, progress)
+
+
+def _plan(model, sens, threshold, rate, divisible, excluded):
+    from ..prune.plan import plan_by_rate, plan_by_threshold
+    if threshold is not None:
+        return plan_by_threshold(sens, threshold, divisible, excluded)
+    return plan_by_rate(model, sens, rate, divisible, excluded)
+
+
+def _mask_and_measure(s, model, ws, sens, plan, dataset, files, progress) -> dict:
+    from ..evaluate import evaluate
+    from ..prune.analysis import data_digest
+    from ..prune.masks import apply_masks, structure_fingerprint
+    from ..prune.plan import masks_for_plan
+    batch = s.whole("batch") or 16
+    masks = masks_for_plan(model, plan)
+    masked = apply_masks(model, masks)
+    same_images = data_digest(dataset) == sens.data_digest
+    before = {sens.metric: sens.baseline} if same_images else evaluate(model, dataset, batch=batch, progress=progress)
+    after = evaluate(masked, dataset, batch=batch, progress=progress)
+    # everything is computed: now write
+    ws.bind_model(model, structure_fingerprint(model.graph))
+    ws.write_json("plan.json", plan.to_json())
+    masks.save(files["masks"])
+    masked.save(files["cfg"], files["weights"])
+    ws.save_config("prune", absolute_settings(s, ("cfg", "weights", "data", "threshold", "rate", "exclude",
+                                                  "divisible", "limit", "prune_out_weights")))
+    summary = summary_rows(model, masks, before, after, sens.metric)
+    summary.update({"mode": plan.mode, "target": plan.target, "predicted_loss": plan.predicted_loss,
+                    "measured_loss": before[sens.metric] - after[sens.metric], "images": len(dataset),
+                    "groups_pruned": len(masks.pruned), "channels_pruned": masks.total_pruned,
+                    "files": {k: str(v) for k, v in files.items()}})
+    ws.update_summary("prune", summary)
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# transform
+
+def transform_and_check(masked_model, masks):
+    """Physically remove the masked channels; verify on a random batch that no output changed."""
+    import numpy as np
+    from ..engine.network import Network
+    from ..prune.transform import transform
+    small = transform(masked_model, masks)
+    c, h, w = masked_model.input_shape
+    x = np.random.default_rng(0).random((2, c, h, w), dtype=np.float32)
+    a = Network(masked_model).forward(x)
+    b = Network(small).forward(x)
+    worst = 0.0
+    for k in a:
+        scale = max(float(np.abs(a[k]).max()), 1e-6)
+        worst = max(worst, float(np.abs(a[k] - b[k]).max()) / scale)
+    if worst > 1e-4:
+        raise DarkpruneError(f"transform changed the model's outputs by {worst:.2e} of their scale; the masks do not "
+                             f"match the weights (were the weights finetuned without holding the masks?)")
+    return small, worst
+
+
+def _pruned_weights(ws) -> str:
+    """The weights transform starts from by default: the finetuned ones, else those `prune` wrote."""
+    if ws.exists("finetuned.weights"):
+        return str(ws.file("finetuned.weights"))
+    if ws.exists("summary.json"):
+        try:
+            written = ws.read_json("summary.json").get("prune", {}).get("files", {}).get("weights")
+        except DarkpruneError:
+            written = None
+        if written and Path(written).exists():
+            return written
+    return str(ws.file("pruned.weights"))
+
+
+def run_transform(s: Settings) -> tuple[dict, str]:
+    """Remove the workspace's masked channels from the weights: a smaller pair with the masked model's outputs."""
+    from ..darknet import load
+    from ..prune.masks import Masks, apply_masks
+    ws = Workspace(s["workspace"], create=False)
+    if not ws.exists("masks.json"):
+        raise DarkpruneError(f"{ws.path}: no masks in this workspace (masks.json); run `darkprune prune` first")
+    weights = s.get("weights") or _pruned_weights(ws)
+    model = load(s["cfg"], weights)
+    masks = Masks.load(ws.file("masks.json"), model)
+    prefix = Path(s["out"]) if s.get("out") else ws.file("transformed")
+    cfg_out, weights_out = prefix.with_name(prefix.name + ".cfg"), prefix.with_name(prefix.name + ".weights")
+    inputs = [s["cfg"], weights, s.get("config"), ws.file("masks.json")]
+    for target in (cfg_out, weights_out):
+        refuse_overwrite(target, inputs, "the transformed model")
+    if not cfg_out.parent.is_dir():
+        raise DarkpruneError(f"{cfg_out}: output folder {cfg_out.parent} does not exist")
+    masked = apply_masks(model, masks)
+    small, worst = transform_and_check(masked, masks)
+    small.save(cfg_out, weights_out)
+    ws.save_config("transform", absolute_settings(s, ("cfg", "weights", "out")))
+    summary = summary_rows(model, masks, None, None, "")
+    summary.update({"files": {"cfg": str(cfg_out), "weights": str(weights_out)}, "max_output_change": worst,
+                    "weights_in": str(weights), "channels_removed": masks.total_pruned})
+    ws.update_summary("transform", summary)
+    text = format_summary(f"transform: {masks.total_pruned} channels removed from {weights}", summary)
+    return summary, text + (f"\noutputs unchanged (max difference {worst:.1e} of their scale)"
+                            f"\nwritten: {cfg_out}, {weights_out}")
