@@ -16,6 +16,8 @@ from darkprune.detect import classifier_input, classify, detect, read_image
 from darkprune.errors import DarkpruneError
 from darkprune.evaluate import evaluate
 
+from conftest import quiet_cache
+
 DETECTOR_CFG = """[net]
 width=32
 height=32
@@ -52,8 +54,7 @@ activation=linear
 
 @pytest.fixture(autouse=True)
 def quiet(monkeypatch, tmp_path):
-    monkeypatch.setenv("DARKPRUNE_QUIET", "1")
-    monkeypatch.setenv("DARKPRUNE_CACHE", str(tmp_path / "cache"))
+    quiet_cache(monkeypatch, tmp_path / "cache")
 
 
 def write_png(path: Path, width: int, height: int, value: int = 128, channels: int = 3) -> Path:
