@@ -124,7 +124,7 @@ def _evaluate_detector(network: Network, heads: list, dataset: Dataset, run: For
     if classes != dataset.classes:
         raise DarkpruneError(f"{dataset.source}: classes={dataset.classes}, but the [yolo]/[region] layers of "
                              f"{_cfg_name(network)} predict {classes} classes")
-    width, height, channels = networknetwork_geometry(network)
+    width, height, channels = network_geometry(network)
     resize, letterbox = detector_resize(network, letterbox, mode)
     indices = [index for index, _ in heads]
     evaluator = DetectionEvaluator(dataset.classes, dataset.names, iou_thresh, thresh)

@@ -34,56 +34,71 @@ def _valid_range(out_len, stride, offset, in_len):
     return lo, hi
 
 
+@njit(cache=True, inline="always")
+def _im2col_row(x, b, ch, ky, kx, sy, sx, pad, dil, oy0, oy1, ow, dst):
+    """dst[(oy-oy0)*ow + ox] = x[b, ch, oy*sy - pad + ky*dil, ox*sx - pad + kx*dil] (0 outside) for output rows
+    oy0..oy1: one row of the im2col matrix (channel ch, tap ky, kx)."""
+    h = x.shape[2]
+    w = x.shape[3]
+    xoff = kx * dil - pad
+    ox_lo, ox_hi = _valid_range(ow, sx, xoff, w)
+    for oy in range(oy0, oy1):
+        iy = oy * sy - pad + ky * dil
+        base = (oy - oy0) * ow
+        if iy < 0 or iy >= h:
+            for ox in range(ow):
+                dst[base + ox] = 0.0
+            continue
+        for ox in range(ox_lo):
+            dst[base + ox] = 0.0
+        if sx == 1:
+            for ox in range(ox_lo, ox_hi):
+                dst[base + ox] = x[b, ch, iy, ox + xoff]
+        else:
+            for ox in range(ox_lo, ox_hi):
+                dst[base + ox] = x[b, ch, iy, ox * sx + xoff]
+        for ox in range(ox_hi, ow):
+            dst[base + ox] = 0.0
+
+
 @njit(cache=True, parallel=True, nogil=True)
 def _im2col(x, b, c0, cg, kh, kw, sy, sx, pad, dil, oh, ow, col, col_off, col_ld):
     """col[row, col_off + oy*ow + ox] = x[b, c0 + c, oy*sy - pad + ky*dil, ox*sx - pad + kx*dil] (0 outside),
     row = (c*kh + ky)*kw + kx. col_ld is col's row length (images may be packed side by side)."""
-    h = x.shape[2]
-    w = x.shape[3]
-    nrows = cg * kh * kw
-    for row in prange(nrows):
+    for row in prange(cg * kh * kw):
         c = row // (kh * kw)
-        ky = (row // kw) % kh
-        kx = row % kw
-        xoff = kx * dil - pad
-        ox_lo, ox_hi = _valid_range(ow, sx, xoff, w)
-        for oy in range(oh):
-            iy = oy * sy - pad + ky * dil
-            base = col_off + oy * ow
-            if iy < 0 or iy >= h:
-                for ox in range(ow):
-                    col[row, base + ox] = 0.0
-                continue
-            for ox in range(ox_lo):
-                col[row, base + ox] = 0.0
-            if sx == 1:
-                for ox in range(ox_lo, ox_hi):
-                    col[row, base + ox] = x[b, c0 + c, iy, ox + xoff]
-            else:
-                for ox in range(ox_lo, ox_hi):
-                    col[row, base + ox] = x[b, c0 + c, iy, ox * sx + xoff]
-            for ox in range(ox_hi, ow):
-                col[row, base + ox] = 0.0
+        _im2col_row(x, b, c0 + c, (row // kw) % kh, row % kw, sy, sx, pad, dil, 0, oh, ow,
+                    col[row, col_off:col_off + oh * ow])
+
+
+@njit(cache=True, inline="always")
+def _col2im_row(src, b, ch, ky, kx, sy, sx, pad, dil, oh, ow, gx):
+    """Adjoint of _im2col_row over all output rows: gx[b, ch, iy, ix] += src[oy*ow + ox]."""
+    h = gx.shape[2]
+    w = gx.shape[3]
+    xoff = kx * dil - pad
+    ox_lo, ox_hi = _valid_range(ow, sx, xoff, w)
+    for oy in range(oh):
+        iy = oy * sy - pad + ky * dil
+        if iy < 0 or iy >= h or ox_hi <= ox_lo:
+            continue
+        seg = src[oy * ow + ox_lo:oy * ow + ox_hi]
+        dst = gx[b, ch, iy, ox_lo * sx + xoff:]
+        if sx == 1:
+            for i in range(ox_hi - ox_lo):
+                dst[i] += seg[i]
+        else:
+            for i in range(ox_hi - ox_lo):
+                dst[i * sx] += seg[i]
 
 
 @njit(cache=True, parallel=True, nogil=True)
 def _col2im_add(col, b, c0, cg, kh, kw, sy, sx, pad, dil, oh, ow, gx):
     """Adjoint of _im2col: gx[b, c0 + c, iy, ix] += col[row, oy*ow + ox]. Parallel over channels (no write races)."""
-    h = gx.shape[2]
-    w = gx.shape[3]
     for c in prange(cg):
         for ky in range(kh):
             for kx in range(kw):
-                row = (c * kh + ky) * kw + kx
-                xoff = kx * dil - pad
-                ox_lo, ox_hi = _valid_range(ow, sx, xoff, w)
-                for oy in range(oh):
-                    iy = oy * sy - pad + ky * dil
-                    if iy < 0 or iy >= h:
-                        continue
-                    base = oy * ow
-                    for ox in range(ox_lo, ox_hi):
-                        gx[b, c0 + c, iy, ox * sx + xoff] += col[row, base + ox]
+                _col2im_row(col[(c * kh + ky) * kw + kx], b, c0 + c, ky, kx, sy, sx, pad, dil, oh, ow, gx)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -93,32 +108,12 @@ def _col2im_add(col, b, c0, cg, kh, kw, sy, sx, pad, dil, oh, ow, gx):
 @njit(cache=True, inline="always")
 def _im2col_block(x, b, c0, cg, kh, kw, sy, sx, pad, dil, oy0, oy1, ow, col):
     """col[row*ncols + (oy-oy0)*ow + ox] for output rows oy0..oy1 of image b, channels c0..c0+cg (sequential)."""
-    h = x.shape[2]
-    w = x.shape[3]
     ncols = (oy1 - oy0) * ow
     for c in range(cg):
         for ky in range(kh):
             for kx in range(kw):
                 row = (c * kh + ky) * kw + kx
-                xoff = kx * dil - pad
-                ox_lo, ox_hi = _valid_range(ow, sx, xoff, w)
-                for oy in range(oy0, oy1):
-                    iy = oy * sy - pad + ky * dil
-                    base = row * ncols + (oy - oy0) * ow
-                    if iy < 0 or iy >= h:
-                        for ox in range(ow):
-                            col[base + ox] = 0.0
-                        continue
-                    for ox in range(ox_lo):
-                        col[base + ox] = 0.0
-                    if sx == 1:
-                        for ox in range(ox_lo, ox_hi):
-                            col[base + ox] = x[b, c0 + c, iy, ox + xoff]
-                    else:
-                        for ox in range(ox_lo, ox_hi):
-                            col[base + ox] = x[b, c0 + c, iy, ox * sx + xoff]
-                    for ox in range(ox_hi, ow):
-                        col[base + ox] = 0.0
+                _im2col_row(x, b, c0 + c, ky, kx, sy, sx, pad, dil, oy0, oy1, ow, col[row * ncols:(row + 1) * ncols])
 
 
 @njit(cache=True, parallel=True, nogil=True)
@@ -183,27 +178,12 @@ def _batched_gemm(u, v, m, cols_per_job):
 @njit(cache=True, inline="always")
 def _col2im_block(col, b, c0, cg, kh, kw, sy, sx, pad, dil, oh, ow, gx):
     """Adjoint of _im2col_block over all output rows: gx[b, c0 + c, iy, ix] += col[row*s + oy*ow + ox]."""
-    h = gx.shape[2]
-    w = gx.shape[3]
     s = oh * ow
     for c in range(cg):
         for ky in range(kh):
             for kx in range(kw):
                 row = (c * kh + ky) * kw + kx
-                xoff = kx * dil - pad
-                ox_lo, ox_hi = _valid_range(ow, sx, xoff, w)
-                for oy in range(oh):
-                    iy = oy * sy - pad + ky * dil
-                    if iy < 0 or iy >= h or ox_hi <= ox_lo:
-                        continue
-                    src = col[row * s + oy * ow + ox_lo:row * s + oy * ow + ox_hi]
-                    dst = gx[b, c0 + c, iy, ox_lo * sx + xoff:]
-                    if sx == 1:
-                        for i in range(ox_hi - ox_lo):
-                            dst[i] += src[i]
-                    else:
-                        for i in range(ox_hi - ox_lo):
-                            dst[i * sx] += src[i]
+                _col2im_row(col[row * s:(row + 1) * s], b, c0 + c, ky, kx, sy, sx, pad, dil, oh, ow, gx)
 
 
 @njit(cache=True, parallel=True, nogil=True)

@@ -47,11 +47,152 @@ def _wino_filter_transform(w, u):
                 u[i * 6 + 5, f, c] = g2
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# the transforms' building blocks, shared by both layouts (inlined: each caller's loops compile as if written out).
+# They read and write slices indexed from 0, so that the loops vectorise.
+
+
+@njit(cache=True, inline="always")
+def _zero4(p0, p1, p2, p3, n):
+    for j in range(n):
+        p0[j] = 0.0
+        p1[j] = 0.0
+        p2[j] = 0.0
+        p3[j] = 0.0
+
+
+@njit(cache=True, inline="always")
+def _split_edge4(xr, t, j, p0, p1, p2, p3):
+    """p_l[j] = xr[t + l] (0 outside the row) for one column group near the row's ends."""
+    wd = xr.shape[0]
+    p0[j] = xr[t] if 0 <= t < wd else 0.0
+    p1[j] = xr[t + 1] if 0 <= t + 1 < wd else 0.0
+    p2[j] = xr[t + 2] if 0 <= t + 2 < wd else 0.0
+    p3[j] = xr[t + 3] if 0 <= t + 3 < wd else 0.0
+
+
+@njit(cache=True, inline="always")
+def _split_row4(xr, pad, j0, j1, n, p0, p1, p2, p3):
+    """One zero-padded row split by column phase: p_l[j] = padded[4j + l], padded[q] = xr[q - pad] (0 outside),
+    j < n. Columns j0..j1 lie inside the row: 4 contiguous values move per step; the few at either end are checked."""
+    if j1 > j0:
+        xs = xr[4 * j0 - pad:]
+        q0 = p0[j0:]
+        q1 = p1[j0:]
+        q2 = p2[j0:]
+        q3 = p3[j0:]
+        for jj in range(j1 - j0):
+            a0 = xs[4 * jj]
+            a1 = xs[4 * jj + 1]
+            a2 = xs[4 * jj + 2]
+            a3 = xs[4 * jj + 3]
+            q0[jj] = a0
+            q1[jj] = a1
+            q2[jj] = a2
+            q3[jj] = a3
+    for j in range(min(j0, n)):
+        _split_edge4(xr, 4 * j - pad, j, p0, p1, p2, p3)
+    for j in range(j1, n):
+        _split_edge4(xr, 4 * j - pad, j, p0, p1, p2, p3)
+
+
+@njit(cache=True, inline="always")
+def _bt6(d0, d1, d2, d3, d4, d5, out, start, stride, n, four, five, two):
+    """B^T of six inputs, n at a time: out[start + k*stride + j] = (B^T (d0[j], ..., d5[j]))[k], k = 0..5."""
+    o0 = out[start:start + n]
+    o1 = out[start + stride:start + stride + n]
+    o2 = out[start + 2 * stride:start + 2 * stride + n]
+    o3 = out[start + 3 * stride:start + 3 * stride + n]
+    o4 = out[start + 4 * stride:start + 4 * stride + n]
+    o5 = out[start + 5 * stride:start + 5 * stride + n]
+    for j in range(n):
+        a0 = d0[j]
+        a1 = d1[j]
+        a2 = d2[j]
+        a3 = d3[j]
+        a4 = d4[j]
+        a5 = d5[j]
+        o0[j] = four * a0 - five * a2 + a4
+        o1[j] = a3 + a4 - four * (a1 + a2)
+        o2[j] = four * (a1 - a2) - a3 + a4
+        o3[j] = two * (a3 - a1) - a2 + a4
+        o4[j] = two * (a1 - a3) - a2 + a4
+        o5[j] = four * a1 - five * a3 + a5
+
+
+@njit(cache=True, inline="always")
+def _bt6_rows(t, i, n_in, out, start, stride, n, four, five, two):
+    """The row step of the input transform for row i of every tile: t[(l*6 + i)*n_in + tile] holds the column step's
+    result per column phase l; a tile's 6 columns are phases 0..3 at its own index and phases 0, 1 at the next."""
+    _bt6(t[i * n_in:], t[(6 + i) * n_in:], t[(12 + i) * n_in:], t[(18 + i) * n_in:], t[i * n_in + 1:],
+         t[(6 + i) * n_in + 1:], out, start, stride, n, four, five, two)
+
+
+@njit(cache=True, inline="always")
+def _at6(s0, s1, s2, s3, s4, s5, out, start, stride, n, two, four, eight):
+    """A^T of six inputs, n at a time: out[start + r*stride + k] = (A^T (s0[k], ..., s5[k]))[r], r = 0..3."""
+    o0 = out[start:start + n]
+    o1 = out[start + stride:start + stride + n]
+    o2 = out[start + 2 * stride:start + 2 * stride + n]
+    o3 = out[start + 3 * stride:start + 3 * stride + n]
+    for k in range(n):
+        a = s1[k] + s2[k]
+        bb = s1[k] - s2[k]
+        cc = s3[k] + s4[k]
+        dd = s3[k] - s4[k]
+        o0[k] = s0[k] + a + cc
+        o1[k] = bb + two * dd
+        o2[k] = a + four * cc
+        o3[k] = bb + eight * dd + s5[k]
+
+
+@njit(cache=True, inline="always")
+def _at6_from_products(m, i, f, col, n, q, two, four, eight):
+    """A^T along j of row i of n tiles' products m[i*6 + j, f, col + tile] into q[(i*4 + k)*n + tile]."""
+    _at6(m[i * 6, f, col:col + n], m[i * 6 + 1, f, col:col + n], m[i * 6 + 2, f, col:col + n],
+         m[i * 6 + 3, f, col:col + n], m[i * 6 + 4, f, col:col + n], m[i * 6 + 5, f, col:col + n],
+         q, i * 4 * n, n, n, two, four, eight)
+
+
+@njit(cache=True, inline="always")
+def _at6_columns(q, k, n, o, two, four, eight):
+    """A^T along i of output column k of n tiles: q[(i*4 + k)*n + tile] into o[(r*4 + k)*n + tile]."""
+    _at6(q[k * n:], q[(4 + k) * n:], q[(8 + k) * n:], q[(12 + k) * n:], q[(16 + k) * n:], q[(20 + k) * n:],
+         o, k * n, 4 * n, n, two, four, eight)
+
+
+@njit(cache=True, inline="always")
+def _interleave4(o, start, stride, dst, full, rest):
+    """One output row from its tiles: dst[4*tx + k] = o[start + k*stride + tx] (the last tile may be cut to rest)."""
+    c0 = o[start:]
+    c1 = o[start + stride:]
+    c2 = o[start + 2 * stride:]
+    c3 = o[start + 3 * stride:]
+    for tx in range(full):
+        v0 = c0[tx]
+        v1 = c1[tx]
+        v2 = c2[tx]
+        v3 = c3[tx]
+        dst[4 * tx] = v0
+        dst[4 * tx + 1] = v1
+        dst[4 * tx + 2] = v2
+        dst[4 * tx + 3] = v3
+    if rest > 0:
+        dst[4 * full] = c0[full]
+        if rest > 1:
+            dst[4 * full + 1] = c1[full]
+        if rest > 2:
+            dst[4 * full + 2] = c2[full]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# compact layout: the tiles of one band side by side
+
+
 @njit(cache=True, inline="always")
 def _phase_split4(x, b, c, pad, hp, tw1, ph):
     """The zero-padded plane x[b, c] split by column phase: ph[(l*hp + r)*tw1 + j] = padded[r, 4j + l], l = 0..3,
-    padded[r, q] = x[b, c, r - pad, q - pad] (0 outside). Every entry is written once; the bulk moves 4 contiguous
-    values per step."""
+    padded[r, q] = x[b, c, r - pad, q - pad] (0 outside). Every entry is written once."""
     h = x.shape[2]
     wd = x.shape[3]
     plane = hp * tw1
@@ -63,40 +204,9 @@ def _phase_split4(x, b, c, pad, hp, tw1, ph):
         p2 = ph[2 * plane + r * tw1:2 * plane + (r + 1) * tw1]
         p3 = ph[3 * plane + r * tw1:3 * plane + (r + 1) * tw1]
         if r < pad or r >= pad + h:
-            for j in range(tw1):
-                p0[j] = 0.0
-                p1[j] = 0.0
-                p2[j] = 0.0
-                p3[j] = 0.0
-            continue
-        xr = x[b, c, r - pad]
-        if j1 > j0:
-            xs = xr[4 * j0 - pad:]
-            q0 = p0[j0:]
-            q1 = p1[j0:]
-            q2 = p2[j0:]
-            q3 = p3[j0:]
-            for jj in range(j1 - j0):
-                a0 = xs[4 * jj]
-                a1 = xs[4 * jj + 1]
-                a2 = xs[4 * jj + 2]
-                a3 = xs[4 * jj + 3]
-                q0[jj] = a0
-                q1[jj] = a1
-                q2[jj] = a2
-                q3[jj] = a3
-        for j in range(min(j0, tw1)):
-            t = 4 * j - pad
-            p0[j] = xr[t] if 0 <= t < wd else 0.0
-            p1[j] = xr[t + 1] if 0 <= t + 1 < wd else 0.0
-            p2[j] = xr[t + 2] if 0 <= t + 2 < wd else 0.0
-            p3[j] = xr[t + 3] if 0 <= t + 3 < wd else 0.0
-        for j in range(j1, tw1):
-            t = 4 * j - pad
-            p0[j] = xr[t] if 0 <= t < wd else 0.0
-            p1[j] = xr[t + 1] if 0 <= t + 1 < wd else 0.0
-            p2[j] = xr[t + 2] if 0 <= t + 2 < wd else 0.0
-            p3[j] = xr[t + 3] if 0 <= t + 3 < wd else 0.0
+            _zero4(p0, p1, p2, p3, tw1)
+        else:
+            _split_row4(x[b, c, r - pad], pad, j0, j1, tw1, p0, p1, p2, p3)
 
 
 def _wino_input_scratch_elements(th, tw):
@@ -116,6 +226,8 @@ def _wino_input_transform(x, pad, th, tw, v, ws):
     hp = 4 * th + 2
     tw1 = tw + 1
     plane = hp * tw1
+    vflat = v.reshape(-1)
+    vstride = nc * v.shape[2]   # from v[a, c, t] to v[a + 1, c, t]
     four = typed(v, 4.0)
     five = typed(v, 5.0)
     two = typed(v, 2.0)
@@ -127,64 +239,15 @@ def _wino_input_transform(x, pad, th, tw, v, ws):
         t = scratch[4 * plane:4 * plane + 24 * tw1]   # t[(l*6 + i)*tw1 + j]
         _phase_split4(x, b, c, pad, hp, tw1, ph)
         for ty in range(th):
-            r0 = 4 * ty
             # column transform (over the band's 6 rows), phase by phase
             for l in range(4):
-                base = l * plane + r0 * tw1
-                d0 = ph[base:base + tw1]
-                d1 = ph[base + tw1:base + 2 * tw1]
-                d2 = ph[base + 2 * tw1:base + 3 * tw1]
-                d3 = ph[base + 3 * tw1:base + 4 * tw1]
-                d4 = ph[base + 4 * tw1:base + 5 * tw1]
-                d5 = ph[base + 5 * tw1:base + 6 * tw1]
-                tb = l * 6 * tw1
-                t0 = t[tb:tb + tw1]
-                t1 = t[tb + tw1:tb + 2 * tw1]
-                t2 = t[tb + 2 * tw1:tb + 3 * tw1]
-                t3 = t[tb + 3 * tw1:tb + 4 * tw1]
-                t4 = t[tb + 4 * tw1:tb + 5 * tw1]
-                t5 = t[tb + 5 * tw1:tb + 6 * tw1]
-                for j in range(tw1):
-                    a0 = d0[j]
-                    a1 = d1[j]
-                    a2 = d2[j]
-                    a3 = d3[j]
-                    a4 = d4[j]
-                    a5 = d5[j]
-                    t0[j] = four * a0 - five * a2 + a4
-                    t1[j] = a3 + a4 - four * (a1 + a2)
-                    t2[j] = four * (a1 - a2) - a3 + a4
-                    t3[j] = two * (a3 - a1) - a2 + a4
-                    t4[j] = two * (a1 - a3) - a2 + a4
-                    t5[j] = four * a1 - five * a3 + a5
-            # row transform: tile tx's columns are phases 0..3 at tx and phases 0,1 at tx + 1
+                base = l * plane + 4 * ty * tw1
+                _bt6(ph[base:], ph[base + tw1:], ph[base + 2 * tw1:], ph[base + 3 * tw1:], ph[base + 4 * tw1:],
+                     ph[base + 5 * tw1:], t, l * 6 * tw1, tw1, tw1, four, five, two)
+            # row transform into v[i*6 + k, c, tiles of this band]
             col0 = b * ntiles + ty * tw
             for i in range(6):
-                e0 = t[i * tw1:]
-                e1 = t[(6 + i) * tw1:]
-                e2 = t[(12 + i) * tw1:]
-                e3 = t[(18 + i) * tw1:]
-                e4 = t[i * tw1 + 1:]
-                e5 = t[(6 + i) * tw1 + 1:]
-                v0 = v[i * 6, c, col0:col0 + tw]
-                v1 = v[i * 6 + 1, c, col0:col0 + tw]
-                v2 = v[i * 6 + 2, c, col0:col0 + tw]
-                v3 = v[i * 6 + 3, c, col0:col0 + tw]
-                v4 = v[i * 6 + 4, c, col0:col0 + tw]
-                v5 = v[i * 6 + 5, c, col0:col0 + tw]
-                for tx in range(tw):
-                    a0 = e0[tx]
-                    a1 = e1[tx]
-                    a2 = e2[tx]
-                    a3 = e3[tx]
-                    a4 = e4[tx]
-                    a5 = e5[tx]
-                    v0[tx] = four * a0 - five * a2 + a4
-                    v1[tx] = a3 + a4 - four * (a1 + a2)
-                    v2[tx] = four * (a1 - a2) - a3 + a4
-                    v3[tx] = two * (a3 - a1) - a2 + a4
-                    v4[tx] = two * (a1 - a3) - a2 + a4
-                    v5[tx] = four * a1 - five * a3 + a5
+                _bt6_rows(t, i, tw1, vflat, (i * 6 * nc + c) * v.shape[2] + col0, vstride, tw, four, five, two)
 
 
 def _wino_output_scratch_elements(tw):
@@ -210,79 +273,20 @@ def _wino_output_transform(m, bias, th, tw, code, y, ws):
         o = scratch[24 * tw:40 * tw]      # o[(r*4 + k)*tw + tx]
         for ty in range(th):
             col0 = b * ntiles + ty * tw
-            # A^T along j for each of the 6 rows i
             for i in range(6):
-                m0 = m[i * 6, f, col0:col0 + tw]
-                m1 = m[i * 6 + 1, f, col0:col0 + tw]
-                m2 = m[i * 6 + 2, f, col0:col0 + tw]
-                m3 = m[i * 6 + 3, f, col0:col0 + tw]
-                m4 = m[i * 6 + 4, f, col0:col0 + tw]
-                m5 = m[i * 6 + 5, f, col0:col0 + tw]
-                q0 = q[(i * 4) * tw:(i * 4 + 1) * tw]
-                q1 = q[(i * 4 + 1) * tw:(i * 4 + 2) * tw]
-                q2 = q[(i * 4 + 2) * tw:(i * 4 + 3) * tw]
-                q3 = q[(i * 4 + 3) * tw:(i * 4 + 4) * tw]
-                for tx in range(tw):
-                    a = m1[tx] + m2[tx]
-                    bb = m1[tx] - m2[tx]
-                    cc = m3[tx] + m4[tx]
-                    dd = m3[tx] - m4[tx]
-                    q0[tx] = m0[tx] + a + cc
-                    q1[tx] = bb + two * dd
-                    q2[tx] = a + four * cc
-                    q3[tx] = bb + eight * dd + m5[tx]
-            # A^T along i for each output column k
+                _at6_from_products(m, i, f, col0, tw, q, two, four, eight)
             for k in range(4):
-                s0 = q[k * tw:]
-                s1 = q[(4 + k) * tw:]
-                s2 = q[(8 + k) * tw:]
-                s3 = q[(12 + k) * tw:]
-                s4 = q[(16 + k) * tw:]
-                s5 = q[(20 + k) * tw:]
-                o0 = o[k * tw:]
-                o1 = o[(4 + k) * tw:]
-                o2 = o[(8 + k) * tw:]
-                o3 = o[(12 + k) * tw:]
-                for tx in range(tw):
-                    a = s1[tx] + s2[tx]
-                    bb = s1[tx] - s2[tx]
-                    cc = s3[tx] + s4[tx]
-                    dd = s3[tx] - s4[tx]
-                    o0[tx] = s0[tx] + a + cc
-                    o1[tx] = bb + two * dd
-                    o2[tx] = a + four * cc
-                    o3[tx] = bb + eight * dd + s5[tx]
-            # interleave the 4 columns of every tile into the output rows
-            for r in range(4):
-                oy = 4 * ty + r
-                if oy >= oh:
-                    break
-                dst = yflat[((b * nf + f) * oh + oy) * ow:((b * nf + f) * oh + oy + 1) * ow]
-                c0 = o[(r * 4) * tw:]
-                c1 = o[(r * 4 + 1) * tw:]
-                c2 = o[(r * 4 + 2) * tw:]
-                c3 = o[(r * 4 + 3) * tw:]
-                for tx in range(full):
-                    v0 = c0[tx]
-                    v1 = c1[tx]
-                    v2 = c2[tx]
-                    v3 = c3[tx]
-                    dst[4 * tx] = v0
-                    dst[4 * tx + 1] = v1
-                    dst[4 * tx + 2] = v2
-                    dst[4 * tx + 3] = v3
-                if rest > 0:
-                    dst[4 * full] = c0[full]
-                    if rest > 1:
-                        dst[4 * full + 1] = c1[full]
-                    if rest > 2:
-                        dst[4 * full + 2] = c2[full]
+                _at6_columns(q, k, tw, o, two, four, eight)
+            for r in range(min(4, oh - 4 * ty)):
+                row = (b * nf + f) * oh + 4 * ty + r
+                _interleave4(o, r * 4 * tw, tw, yflat[row * ow:(row + 1) * ow], full, rest)
         start = job * oh * ow
         bias_act_row(yflat, start, start + oh * ow, bias[f], code)
 
 
-# Winograd with long loops (wide images): every band carries one dummy tile (tx = tw), so that the tiles of all
-# bands form one flat run of th*(tw+1) and every transform step is a single long vectorised loop over it.
+# ----------------------------------------------------------------------------------------------------------------
+# long layout (wide images): every band carries one dummy tile (tx = tw), so that the tiles of all bands form one
+# flat run of th*(tw+1) and every transform step is a single long vectorised loop over it.
 
 
 def _wino_long_input_scratch_elements(th, tw):
@@ -304,6 +308,8 @@ def _wino_input_long(x, pad, th, tw, v, ws):
     flat = th * tw1
     j0 = (pad + 3) // 4
     j1 = max(j0, min(tw1, (wd - 4 + pad) // 4 + 1))
+    vflat = v.reshape(-1)
+    vstride = nc * v.shape[2]
     four = typed(v, 4.0)
     five = typed(v, 5.0)
     two = typed(v, 2.0)
@@ -314,104 +320,24 @@ def _wino_input_long(x, pad, th, tw, v, ws):
         ph = scratch[:16 * n2]
         t = scratch[16 * n2:16 * n2 + 24 * flat + 1]
         for pr in range(4 * th1):
-            mrow = pr % 4
-            ty = pr // 4
-            base = mrow * 4 * n2 + ty * tw1
+            # padded row pr is row phase pr % 4 of phase-grid row pr // 4
+            base = (pr % 4) * 4 * n2 + (pr // 4) * tw1
             p0 = ph[base:base + tw1]
             p1 = ph[base + n2:base + n2 + tw1]
             p2 = ph[base + 2 * n2:base + 2 * n2 + tw1]
             p3 = ph[base + 3 * n2:base + 3 * n2 + tw1]
             r = pr - pad
             if r < 0 or r >= h:
-                for j in range(tw1):
-                    p0[j] = 0.0
-                    p1[j] = 0.0
-                    p2[j] = 0.0
-                    p3[j] = 0.0
-                continue
-            xr = x[b, c, r]
-            if j1 > j0:
-                xs = xr[4 * j0 - pad:]
-                q0 = p0[j0:]
-                q1 = p1[j0:]
-                q2 = p2[j0:]
-                q3 = p3[j0:]
-                for jj in range(j1 - j0):
-                    a0 = xs[4 * jj]
-                    a1 = xs[4 * jj + 1]
-                    a2 = xs[4 * jj + 2]
-                    a3 = xs[4 * jj + 3]
-                    q0[jj] = a0
-                    q1[jj] = a1
-                    q2[jj] = a2
-                    q3[jj] = a3
-            for j in range(min(j0, tw1)):
-                s0 = 4 * j - pad
-                p0[j] = xr[s0] if 0 <= s0 < wd else 0.0
-                p1[j] = xr[s0 + 1] if 0 <= s0 + 1 < wd else 0.0
-                p2[j] = xr[s0 + 2] if 0 <= s0 + 2 < wd else 0.0
-                p3[j] = xr[s0 + 3] if 0 <= s0 + 3 < wd else 0.0
-            for j in range(j1, tw1):
-                s0 = 4 * j - pad
-                p0[j] = xr[s0] if 0 <= s0 < wd else 0.0
-                p1[j] = xr[s0 + 1] if 0 <= s0 + 1 < wd else 0.0
-                p2[j] = xr[s0 + 2] if 0 <= s0 + 2 < wd else 0.0
-                p3[j] = xr[s0 + 3] if 0 <= s0 + 3 < wd else 0.0
-        # column transform (B^T over the tile's 6 rows), per column phase l
+                _zero4(p0, p1, p2, p3, tw1)
+            else:
+                _split_row4(x[b, c, r], pad, j0, j1, tw1, p0, p1, p2, p3)
+        # column transform (B^T over the tile's 6 rows: row phases 0..3 here, 0 and 1 one grid row on), per phase l
         for l in range(4):
-            d0 = ph[l * n2:]
-            d1 = ph[(4 + l) * n2:]
-            d2 = ph[(8 + l) * n2:]
-            d3 = ph[(12 + l) * n2:]
-            d4 = ph[l * n2 + tw1:]
-            d5 = ph[(4 + l) * n2 + tw1:]
-            t0 = t[(l * 6) * flat:(l * 6 + 1) * flat]
-            t1 = t[(l * 6 + 1) * flat:(l * 6 + 2) * flat]
-            t2 = t[(l * 6 + 2) * flat:(l * 6 + 3) * flat]
-            t3 = t[(l * 6 + 3) * flat:(l * 6 + 4) * flat]
-            t4 = t[(l * 6 + 4) * flat:(l * 6 + 5) * flat]
-            t5 = t[(l * 6 + 5) * flat:(l * 6 + 6) * flat]
-            for i in range(flat):
-                a0 = d0[i]
-                a1 = d1[i]
-                a2 = d2[i]
-                a3 = d3[i]
-                a4 = d4[i]
-                a5 = d5[i]
-                t0[i] = four * a0 - five * a2 + a4
-                t1[i] = a3 + a4 - four * (a1 + a2)
-                t2[i] = four * (a1 - a2) - a3 + a4
-                t3[i] = two * (a3 - a1) - a2 + a4
-                t4[i] = two * (a1 - a3) - a2 + a4
-                t5[i] = four * a1 - five * a3 + a5
-        # row transform (B over the tile's 6 columns): phases 0..3 at this flat index, 0,1 at the next one
-        col = b * flat
-        for ir in range(6):
-            e0 = t[ir * flat:]
-            e1 = t[(6 + ir) * flat:]
-            e2 = t[(12 + ir) * flat:]
-            e3 = t[(18 + ir) * flat:]
-            e4 = t[ir * flat + 1:]
-            e5 = t[(6 + ir) * flat + 1:]
-            v0 = v[ir * 6, c, col:col + flat]
-            v1 = v[ir * 6 + 1, c, col:col + flat]
-            v2 = v[ir * 6 + 2, c, col:col + flat]
-            v3 = v[ir * 6 + 3, c, col:col + flat]
-            v4 = v[ir * 6 + 4, c, col:col + flat]
-            v5 = v[ir * 6 + 5, c, col:col + flat]
-            for i in range(flat):
-                a0 = e0[i]
-                a1 = e1[i]
-                a2 = e2[i]
-                a3 = e3[i]
-                a4 = e4[i]
-                a5 = e5[i]
-                v0[i] = four * a0 - five * a2 + a4
-                v1[i] = a3 + a4 - four * (a1 + a2)
-                v2[i] = four * (a1 - a2) - a3 + a4
-                v3[i] = two * (a3 - a1) - a2 + a4
-                v4[i] = two * (a1 - a3) - a2 + a4
-                v5[i] = four * a1 - five * a3 + a5
+            _bt6(ph[l * n2:], ph[(4 + l) * n2:], ph[(8 + l) * n2:], ph[(12 + l) * n2:], ph[l * n2 + tw1:],
+                 ph[(4 + l) * n2 + tw1:], t, l * 6 * flat, flat, flat, four, five, two)
+        # row transform (B over the tile's 6 columns) into v[i*6 + k, c, this image's tiles]
+        for i in range(6):
+            _bt6_rows(t, i, flat, vflat, (i * 6 * nc + c) * v.shape[2] + b * flat, vstride, flat, four, five, two)
 
 
 def _wino_long_output_scratch_elements(th, tw):
@@ -436,69 +362,12 @@ def _wino_output_long(m, bias, th, tw, code, y, ws):
         f = job % nf
         q = scratch[:24 * flat]
         o = scratch[24 * flat:40 * flat]
-        col = b * flat
         for i in range(6):
-            m0 = m[i * 6, f, col:col + flat]
-            m1 = m[i * 6 + 1, f, col:col + flat]
-            m2 = m[i * 6 + 2, f, col:col + flat]
-            m3 = m[i * 6 + 3, f, col:col + flat]
-            m4 = m[i * 6 + 4, f, col:col + flat]
-            m5 = m[i * 6 + 5, f, col:col + flat]
-            q0 = q[(i * 4) * flat:(i * 4 + 1) * flat]
-            q1 = q[(i * 4 + 1) * flat:(i * 4 + 2) * flat]
-            q2 = q[(i * 4 + 2) * flat:(i * 4 + 3) * flat]
-            q3 = q[(i * 4 + 3) * flat:(i * 4 + 4) * flat]
-            for k in range(flat):
-                a = m1[k] + m2[k]
-                bb = m1[k] - m2[k]
-                cc = m3[k] + m4[k]
-                dd = m3[k] - m4[k]
-                q0[k] = m0[k] + a + cc
-                q1[k] = bb + two * dd
-                q2[k] = a + four * cc
-                q3[k] = bb + eight * dd + m5[k]
-        for kc in range(4):
-            s0 = q[kc * flat:]
-            s1 = q[(4 + kc) * flat:]
-            s2 = q[(8 + kc) * flat:]
-            s3 = q[(12 + kc) * flat:]
-            s4 = q[(16 + kc) * flat:]
-            s5 = q[(20 + kc) * flat:]
-            o0 = o[kc * flat:(kc + 1) * flat]
-            o1 = o[(4 + kc) * flat:(5 + kc) * flat]
-            o2 = o[(8 + kc) * flat:(9 + kc) * flat]
-            o3 = o[(12 + kc) * flat:(13 + kc) * flat]
-            for k in range(flat):
-                a = s1[k] + s2[k]
-                bb = s1[k] - s2[k]
-                cc = s3[k] + s4[k]
-                dd = s3[k] - s4[k]
-                o0[k] = s0[k] + a + cc
-                o1[k] = bb + two * dd
-                o2[k] = a + four * cc
-                o3[k] = bb + eight * dd + s5[k]
+            _at6_from_products(m, i, f, b * flat, flat, q, two, four, eight)
+        for k in range(4):
+            _at6_columns(q, k, flat, o, two, four, eight)
         plane = (b * nf + f) * oh * ow
         for oy in range(oh):
-            ty = oy // 4
-            r = oy % 4
-            dst = yflat[plane + oy * ow:plane + (oy + 1) * ow]
-            c0 = o[(r * 4) * flat + ty * tw1:]
-            c1 = o[(r * 4 + 1) * flat + ty * tw1:]
-            c2 = o[(r * 4 + 2) * flat + ty * tw1:]
-            c3 = o[(r * 4 + 3) * flat + ty * tw1:]
-            for tx in range(full):
-                v0 = c0[tx]
-                v1 = c1[tx]
-                v2 = c2[tx]
-                v3 = c3[tx]
-                dst[4 * tx] = v0
-                dst[4 * tx + 1] = v1
-                dst[4 * tx + 2] = v2
-                dst[4 * tx + 3] = v3
-            if rest > 0:
-                dst[4 * full] = c0[full]
-                if rest > 1:
-                    dst[4 * full + 1] = c1[full]
-                if rest > 2:
-                    dst[4 * full + 2] = c2[full]
+            _interleave4(o, (oy % 4) * 4 * flat + (oy // 4) * tw1, flat, yflat[plane + oy * ow:plane + (oy + 1) * ow],
+                         full, rest)
         bias_act_row(yflat, plane, plane + oh * ow, bias[f], code)
