@@ -84,6 +84,41 @@ def _pad_plane_split22(x, b, c, pad, hp2, wp2, buf):
             orow[j] = xr[t + 1] if 0 <= t + 1 < wd else 0.0
 
 
+@njit(cache=True, inline="always")
+def _taps3x3(a0, a1, a2, b0, b1, b2, c0, c1, c2, w, f, acc, n, step):
+    """acc[i] = the 3x3 filter w[f, 0] over its 9 taps at index i*step of a* / b* / c*, the taps of filter rows
+    0 / 1 / 2 (slices indexed from 0; step 1 has its own loop, which vectorises), in the data's precision and
+    Darknet's tap order."""
+    w00 = w[f, 0, 0, 0]
+    w01 = w[f, 0, 0, 1]
+    w02 = w[f, 0, 0, 2]
+    w10 = w[f, 0, 1, 0]
+    w11 = w[f, 0, 1, 1]
+    w12 = w[f, 0, 1, 2]
+    w20 = w[f, 0, 2, 0]
+    w21 = w[f, 0, 2, 1]
+    w22 = w[f, 0, 2, 2]
+    if step == 1:
+        for i in range(n):
+            acc[i] = (w00 * a0[i] + w01 * a1[i] + w02 * a2[i] + w10 * b0[i] + w11 * b1[i] + w12 * b2[i]
+                      + w20 * c0[i] + w21 * c1[i] + w22 * c2[i])
+    else:
+        for i in range(n):
+            j = step * i
+            acc[i] = (w00 * a0[j] + w01 * a1[j] + w02 * a2[j] + w10 * b0[j] + w11 * b1[j] + w12 * b2[j]
+                      + w20 * c0[j] + w21 * c1[j] + w22 * c2[j])
+
+
+@njit(cache=True, inline="always")
+def _copy_rows_out(acc, row_len, yflat, plane, oh, ow):
+    """Output rows from a result computed over the padded width: row oy is acc[oy*row_len:][:ow]."""
+    for oy in range(oh):
+        dst = yflat[plane + oy * ow:plane + (oy + 1) * ow]
+        src = acc[oy * row_len:]
+        for ox in range(ow):
+            dst[ox] = src[ox]
+
+
 @njit(cache=True, parallel=True, nogil=True)
 def _direct_1ch_forward(x, w, bias, sy, sx, pad, dil, oh, ow, code, y, ws):
     """y[b, f] = act(bias[f] + sum_{ky,kx} w[f, 0, ky, kx] * x[b, f // mult, ...]), mult = n // C.
@@ -122,16 +157,6 @@ def _direct_1ch_forward(x, w, bias, sy, sx, pad, dil, oh, ow, code, y, ws):
             _pad_plane(x, b, c, pad, hp, wp, buf)
         for f in range(c * mult, (c + 1) * mult):
             plane = (b * nf + f) * oh * ow
-            if three:
-                w00 = w[f, 0, 0, 0]
-                w01 = w[f, 0, 0, 1]
-                w02 = w[f, 0, 0, 2]
-                w10 = w[f, 0, 1, 0]
-                w11 = w[f, 0, 1, 1]
-                w12 = w[f, 0, 1, 2]
-                w20 = w[f, 0, 2, 0]
-                w21 = w[f, 0, 2, 1]
-                w22 = w[f, 0, 2, 2]
             if stride2:
                 # tap (ky, kx) of output (oy, ox) = plane (ky%2, kx%2) at (oy + ky//2, ox + kx//2)
                 n = (oh - 1) * wp2 + ow
@@ -149,14 +174,8 @@ def _direct_1ch_forward(x, w, bias, sy, sx, pad, dil, oh, ow, code, y, ws):
                 c0 = ee[wp2:wp2 + n]
                 c1 = eo[wp2:wp2 + n]
                 c2 = ee[wp2 + 1:wp2 + 1 + n]
-                for i in range(n):
-                    acc[i] = (w00 * a0[i] + w01 * a1[i] + w02 * a2[i] + w10 * b0[i] + w11 * b1[i] + w12 * b2[i]
-                              + w20 * c0[i] + w21 * c1[i] + w22 * c2[i])
-                for oy in range(oh):
-                    dst = yflat[plane + oy * ow:plane + (oy + 1) * ow]
-                    src = acc[oy * wp2:]
-                    for ox in range(ow):
-                        dst[ox] = src[ox]
+                _taps3x3(a0, a1, a2, b0, b1, b2, c0, c1, c2, w, f, acc, n, 1)
+                _copy_rows_out(acc, wp2, yflat, plane, oh, ow)
             elif flat1:
                 n = (oh - 1) * wp + ow
                 r1 = dil * wp
@@ -170,14 +189,8 @@ def _direct_1ch_forward(x, w, bias, sy, sx, pad, dil, oh, ow, code, y, ws):
                 c0 = buf[r2:r2 + n]
                 c1 = buf[r2 + dil:r2 + dil + n]
                 c2 = buf[r2 + 2 * dil:r2 + 2 * dil + n]
-                for i in range(n):
-                    acc[i] = (w00 * a0[i] + w01 * a1[i] + w02 * a2[i] + w10 * b0[i] + w11 * b1[i] + w12 * b2[i]
-                              + w20 * c0[i] + w21 * c1[i] + w22 * c2[i])
-                for oy in range(oh):
-                    dst = yflat[plane + oy * ow:plane + (oy + 1) * ow]
-                    src = acc[oy * wp:]
-                    for ox in range(ow):
-                        dst[ox] = src[ox]
+                _taps3x3(a0, a1, a2, b0, b1, b2, c0, c1, c2, w, f, acc, n, 1)
+                _copy_rows_out(acc, wp, yflat, plane, oh, ow)
             elif three:
                 for oy in range(oh):
                     # row slices: the loops below index them from 0, so no wraparound checks and they vectorise
@@ -194,15 +207,7 @@ def _direct_1ch_forward(x, w, bias, sy, sx, pad, dil, oh, ow, code, y, ws):
                     c0 = buf[r2:]
                     c1 = buf[r2 + dil:]
                     c2 = buf[r2 + 2 * dil:]
-                    if sx == 1:
-                        for ox in range(ow):
-                            dst[ox] = (w00 * a0[ox] + w01 * a1[ox] + w02 * a2[ox] + w10 * b0[ox] + w11 * b1[ox]
-                                       + w12 * b2[ox] + w20 * c0[ox] + w21 * c1[ox] + w22 * c2[ox])
-                    else:
-                        for ox in range(ow):
-                            i = sx * ox
-                            dst[ox] = (w00 * a0[i] + w01 * a1[i] + w02 * a2[i] + w10 * b0[i] + w11 * b1[i]
-                                       + w12 * b2[i] + w20 * c0[i] + w21 * c1[i] + w22 * c2[i])
+                    _taps3x3(a0, a1, a2, b0, b1, b2, c0, c1, c2, w, f, dst, ow, sx)
             elif flatk and kw == 5:
                 # over the padded width as one run, a filter row (5 taps) per pass: a fifth of the passes over the
                 # accumulator that tap-by-tap accumulation makes
@@ -225,11 +230,7 @@ def _direct_1ch_forward(x, w, bias, sy, sx, pad, dil, oh, ow, code, y, ws):
                     else:
                         for i in range(n):
                             acc[i] += w0 * s0[i] + w1 * s1[i] + w2 * s2[i] + w3 * s3[i] + w4 * s4[i]
-                for oy in range(oh):
-                    dst = yflat[plane + oy * ow:plane + (oy + 1) * ow]
-                    src = acc[oy * wp:]
-                    for ox in range(ow):
-                        dst[ox] = src[ox]
+                _copy_rows_out(acc, wp, yflat, plane, oh, ow)
             elif flatk:
                 # as the row-by-row loop below (same taps in the same order), over the padded width as one run
                 n = (oh - 1) * wp + ow
@@ -243,11 +244,7 @@ def _direct_1ch_forward(x, w, bias, sy, sx, pad, dil, oh, ow, code, y, ws):
                         else:
                             for i in range(n):
                                 acc[i] += wv * src[i]
-                for oy in range(oh):
-                    dst = yflat[plane + oy * ow:plane + (oy + 1) * ow]
-                    src = acc[oy * wp:]
-                    for ox in range(ow):
-                        dst[ox] = src[ox]
+                _copy_rows_out(acc, wp, yflat, plane, oh, ow)
             else:
                 for oy in range(oh):
                     dst = yflat[plane + oy * ow:plane + (oy + 1) * ow]
