@@ -31,25 +31,25 @@ import numpy as np
 
 from darkprune.engine.activations import CROSS_CHANNEL_CODES, LINEAR, activate_, activation_code
 from darkprune.engine.blas import limit_threads, matmul, threads_for
-from darkprune.engine.conv_depthwise import _direct_1ch_backward, _direct_1ch_forward, _direct_1ch_scratch_elements
+from darkprune.engine.conv_depthwise import direct_1ch_backward, direct_1ch_forward, direct_1ch_scratch_elements
 from darkprune.engine.conv_gemm import (
-    _batched_gemm,
-    _col2im_add,
-    _conv1x1_kernel,
-    _conv_backward_kernel,
-    _conv_im2col_kernel,
-    _im2col,
+    batched_gemm,
+    col2im_add,
+    conv1x1_kernel,
+    conv_backward_kernel,
+    conv_im2col_kernel,
+    im2col,
 )
 from darkprune.engine.conv_winograd import (
-    _wino_filter_transform,
-    _wino_input_long,
-    _wino_input_scratch_elements,
-    _wino_input_transform,
-    _wino_long_input_scratch_elements,
-    _wino_long_output_scratch_elements,
-    _wino_output_long,
-    _wino_output_scratch_elements,
-    _wino_output_transform,
+    wino_filter_transform,
+    wino_input_long,
+    wino_input_scratch_elements,
+    wino_input_transform,
+    wino_long_input_scratch_elements,
+    wino_long_output_scratch_elements,
+    wino_output_long,
+    wino_output_scratch_elements,
+    wino_output_transform,
 )
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -168,7 +168,7 @@ class Conv2dPlan:
             if not (kh == kw == 3 and self.stride_x == self.stride_y == 1 and self.dilation == 1 and groups == 1):
                 raise ValueError("the Winograd path needs a 3x3, stride 1, dilation 1, ungrouped convolution")
             self.wino_u = np.empty((36, n, cg), dtype=self.dtype)
-            _wino_filter_transform(self.weights, self.wino_u)
+            wino_filter_transform(self.weights, self.wino_u)
         elif self.path == PATH_DIRECT_1CH and cg != 1:
             raise ValueError("the depthwise path needs one input channel per group")
         elif self.path == PATH_GEMM_1X1 and not (kh == kw == 1 and self.stride_x == self.stride_y == 1
@@ -235,10 +235,10 @@ class Conv2dPlan:
         elif path == PATH_WINOGRAD:
             self._forward_winograd(x, y)
         elif path == PATH_DIRECT_1CH:
-            elements = _direct_1ch_scratch_elements(x.shape[2], x.shape[3], oh, ow, self.kh, self.kw, self.stride_y,
+            elements = direct_1ch_scratch_elements(x.shape[2], x.shape[3], oh, ow, self.kh, self.kw, self.stride_y,
                                                     self.stride_x, self.pad, self.dilation)
             ws = _thread_scratch(numba.get_num_threads(), elements, self.dtype)
-            _direct_1ch_forward(x, self.weights, self.bias, self.stride_y, self.stride_x, self.pad, self.dilation,
+            direct_1ch_forward(x, self.weights, self.bias, self.stride_y, self.stride_x, self.pad, self.dilation,
                                 oh, ow, self.fused_code, y, ws)
         else:
             self._forward_im2col(x, y)
@@ -255,7 +255,7 @@ class Conv2dPlan:
         # enough jobs to balance the threads, blocks wide enough to keep the GEMM efficient
         cols = max(256, min(_IM2COL_TARGET_COLS, -(-nb * s // (2 * threads))))
         cols = min(s, ((cols + 15) // 16) * 16)
-        _conv1x1_kernel(x.reshape(nb, c, s), self.w2d, self.bias, self.fused_code, y.reshape(nb, self.n, s), cols)
+        conv1x1_kernel(x.reshape(nb, c, s), self.w2d, self.bias, self.fused_code, y.reshape(nb, self.n, s), cols)
 
     def _forward_im2col(self, x, y):
         nb = x.shape[0]
@@ -267,7 +267,7 @@ class Conv2dPlan:
         target = max(ow, min(target, _IM2COL_MAX_SCRATCH // (kg * itemsize)))
         rows = max(1, min(oh, target // ow))
         ws = _thread_scratch(threads, kg * rows * ow, self.dtype)
-        _conv_im2col_kernel(x, self.w2d, self.bias, self.groups, self.kh, self.kw, self.stride_y, self.stride_x,
+        conv_im2col_kernel(x, self.w2d, self.bias, self.groups, self.kh, self.kw, self.stride_y, self.stride_x,
                             self.pad, self.dilation, oh, ow, self.fused_code, y, rows, ws)
 
     def _forward_winograd(self, x, y):
@@ -289,21 +289,21 @@ class Conv2dPlan:
             v = _named_scratch("wino_v", 36 * self.c * tiles, self.dtype).reshape(36, self.c, tiles)
             m = _named_scratch("wino_m", 36 * self.n * tiles, self.dtype).reshape(36, self.n, tiles)
             if long_loops:
-                ws = _thread_scratch(threads, max(_wino_long_input_scratch_elements(th, tw),
-                                                  _wino_long_output_scratch_elements(th, tw)), self.dtype)
-                _wino_input_long(x[b0:b1], self.pad, th, tw, v, ws)
+                ws = _thread_scratch(threads, max(wino_long_input_scratch_elements(th, tw),
+                                                  wino_long_output_scratch_elements(th, tw)), self.dtype)
+                wino_input_long(x[b0:b1], self.pad, th, tw, v, ws)
             else:
-                ws = _thread_scratch(threads, max(_wino_input_scratch_elements(th, tw),
-                                                  _wino_output_scratch_elements(tw)), self.dtype)
-                _wino_input_transform(x[b0:b1], self.pad, th, tw, v, ws)
+                ws = _thread_scratch(threads, max(wino_input_scratch_elements(th, tw),
+                                                  wino_output_scratch_elements(tw)), self.dtype)
+                wino_input_transform(x[b0:b1], self.pad, th, tw, v, ws)
             # 36 GEMMs: split columns only when there are too few to keep every thread busy
             gemm_blocks = max(1, -(-2 * threads // 36))
             cols = max(64, -(-tiles // gemm_blocks))
-            _batched_gemm(self.wino_u, v, m, cols)
+            batched_gemm(self.wino_u, v, m, cols)
             if long_loops:
-                _wino_output_long(m, self.bias, th, tw, self.fused_code, y[b0:b1], ws)
+                wino_output_long(m, self.bias, th, tw, self.fused_code, y[b0:b1], ws)
             else:
-                _wino_output_transform(m, self.bias, th, tw, self.fused_code, y[b0:b1], ws)
+                wino_output_transform(m, self.bias, th, tw, self.fused_code, y[b0:b1], ws)
 
 
 def prepare_conv2d(weights, bias=None, stride_x=1, stride_y=1, pad=0, dilation=1, groups=1, activation="linear",
@@ -360,7 +360,7 @@ def conv2d_backward(x, weights, grad_y, stride_x=1, stride_y=1, pad=0, dilation=
             wp = max(w + 2 * pad, (ow - 1) * stride_x + (kw - 1) * dilation + 1)
             plane = max(hp * wp, 4 * ((hp + 1) // 2 + 1) * ((wp + 1) // 2 + 1))
             ws = _thread_scratch(threads, 2 * plane + oh * wp + 8, dtype)
-            _direct_1ch_backward(x, weights, grad_y, stride_y, stride_x, pad, dilation, gx, gw_partial, ws)
+            direct_1ch_backward(x, weights, grad_y, stride_y, stride_x, pad, dilation, gx, gw_partial, ws)
             return (gx if need_grad_x else None), gw_partial.sum(axis=0).reshape(n, 1, kh, kw), grad_b
         ng = n // groups
         kk = cg * kh * kw
@@ -371,7 +371,7 @@ def conv2d_backward(x, weights, grad_y, stride_x=1, stride_y=1, pad=0, dilation=
             # one job per image; each thread accumulates its own filter gradient
             ws = _thread_scratch(threads, 1 if one_by_one else 2 * kk * s, dtype)
             gw_partial = np.zeros((threads, n, kk), dtype=dtype)
-            _conv_backward_kernel(x, w2d, grad_y, groups, kh, kw, stride_y, stride_x, pad, dilation, one_by_one,
+            conv_backward_kernel(x, w2d, grad_y, groups, kh, kw, stride_y, stride_x, pad, dilation, one_by_one,
                                   need_grad_x, grad_x, gw_partial, ws)
             grad_w2d = gw_partial.sum(axis=0)
         else:
@@ -385,7 +385,7 @@ def conv2d_backward(x, weights, grad_y, stride_x=1, stride_y=1, pad=0, dilation=
                     if one_by_one:
                         xcol = x[b, g * cg:(g + 1) * cg].reshape(cg, s)
                     else:
-                        _im2col(x, b, g * cg, cg, kh, kw, stride_y, stride_x, pad, dilation, oh, ow, col, 0, s)
+                        im2col(x, b, g * cg, cg, kh, kw, stride_y, stride_x, pad, dilation, oh, ow, col, 0, s)
                         xcol = col
                     matmul(gy, xcol, grad_w2d[g * ng:(g + 1) * ng], trans_b=True, beta=1.0)
                     if need_grad_x:
@@ -394,6 +394,6 @@ def conv2d_backward(x, weights, grad_y, stride_x=1, stride_y=1, pad=0, dilation=
                                    trans_a=True, beta=1.0)
                         else:
                             matmul(w2d[g * ng:(g + 1) * ng], gy, dcol, trans_a=True)
-                            _col2im_add(dcol, b, g * cg, cg, kh, kw, stride_y, stride_x, pad, dilation, oh, ow,
+                            col2im_add(dcol, b, g * cg, cg, kh, kw, stride_y, stride_x, pad, dilation, oh, ow,
                                         grad_x)
     return (grad_x if need_grad_x else None), grad_w2d.reshape(n, cg, kh, kw), grad_b

@@ -120,7 +120,7 @@ def _copy_rows_out(acc, row_len, yflat, plane, oh, ow):
 
 
 @njit(cache=True, parallel=True, nogil=True)
-def _direct_1ch_forward(x, w, bias, sy, sx, pad, dil, oh, ow, code, y, ws):
+def direct_1ch_forward(x, w, bias, sy, sx, pad, dil, oh, ow, code, y, ws):
     """y[b, f] = act(bias[f] + sum_{ky,kx} w[f, 0, ky, kx] * x[b, f // mult, ...]), mult = n // C.
 
     One job per (image, input channel): the channel is zero-padded once into the thread's scratch and serves its
@@ -264,15 +264,15 @@ def _direct_1ch_forward(x, w, bias, sy, sx, pad, dil, oh, ow, code, y, ws):
             bias_act_row(yflat, plane, plane + oh * ow, bias[f], code)
 
 
-def _direct_1ch_scratch_elements(h, w, oh, ow, kh, kw, sy, sx, pad, dil):
+def direct_1ch_scratch_elements(h, w, oh, ow, kh, kw, sy, sx, pad, dil):
     hp = max(h + 2 * pad, (oh - 1) * sy + (kh - 1) * dil + 1)
     wp = max(w + 2 * pad, (ow - 1) * sx + (kw - 1) * dil + 1)
     return max(4 * ((hp + 1) // 2) * ((wp + 1) // 2) + oh * ((wp + 1) // 2) + 2, hp * wp + oh * wp)
 
 
 @njit(cache=True, parallel=True, nogil=True, fastmath={"reassoc", "contract", "nsz"})
-def _direct_1ch_backward(x, w, gy, sy, sx, pad, dil, gx, gw_partial, ws):
-    """Backward of _direct_1ch_forward (pre-activation): gx += dL/dx, gw_partial[b, f] = image b's filter gradient.
+def direct_1ch_backward(x, w, gy, sy, sx, pad, dil, gx, gw_partial, ws):
+    """Backward of direct_1ch_forward (pre-activation): gx += dL/dx, gw_partial[b, f] = image b's filter gradient.
 
     One job per (image, input channel), like the forward. The incoming gradient of each filter is laid out over the
     padded width (zeros past the output), so that for stride 1 (and, on the parity-split plane, stride 2) every tap

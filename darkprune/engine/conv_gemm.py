@@ -62,7 +62,7 @@ def _im2col_row(x, b, ch, ky, kx, sy, sx, pad, dil, oy0, oy1, ow, dst):
 
 
 @njit(cache=True, parallel=True, nogil=True)
-def _im2col(x, b, c0, cg, kh, kw, sy, sx, pad, dil, oh, ow, col, col_off, col_ld):
+def im2col(x, b, c0, cg, kh, kw, sy, sx, pad, dil, oh, ow, col, col_off, col_ld):
     """col[row, col_off + oy*ow + ox] = x[b, c0 + c, oy*sy - pad + ky*dil, ox*sx - pad + kx*dil] (0 outside),
     row = (c*kh + ky)*kw + kx. col_ld is col's row length (images may be packed side by side)."""
     for row in prange(cg * kh * kw):
@@ -93,8 +93,8 @@ def _col2im_row(src, b, ch, ky, kx, sy, sx, pad, dil, oh, ow, gx):
 
 
 @njit(cache=True, parallel=True, nogil=True)
-def _col2im_add(col, b, c0, cg, kh, kw, sy, sx, pad, dil, oh, ow, gx):
-    """Adjoint of _im2col: gx[b, c0 + c, iy, ix] += col[row, oy*ow + ox]. Parallel over channels (no write races)."""
+def col2im_add(col, b, c0, cg, kh, kw, sy, sx, pad, dil, oh, ow, gx):
+    """Adjoint of im2col: gx[b, c0 + c, iy, ix] += col[row, oy*ow + ox]. Parallel over channels (no write races)."""
     for c in prange(cg):
         for ky in range(kh):
             for kx in range(kw):
@@ -117,7 +117,7 @@ def _im2col_block(x, b, c0, cg, kh, kw, sy, sx, pad, dil, oy0, oy1, ow, col):
 
 
 @njit(cache=True, parallel=True, nogil=True)
-def _conv_im2col_kernel(x, w2d, bias, groups, kh, kw, sy, sx, pad, dil, oh, ow, code, y, rows_per_job, ws):
+def conv_im2col_kernel(x, w2d, bias, groups, kh, kw, sy, sx, pad, dil, oh, ow, code, y, rows_per_job, ws):
     """y = act(conv(x) + bias) by blocks of output rows: im2col into the thread's scratch, GEMM, epilogue."""
     nb, c, h, w = x.shape
     n = w2d.shape[0]
@@ -143,7 +143,7 @@ def _conv_im2col_kernel(x, w2d, bias, groups, kh, kw, sy, sx, pad, dil, oh, ow, 
 
 
 @njit(cache=True, parallel=True, nogil=True)
-def _conv1x1_kernel(x, w2d, bias, code, y, cols_per_job):
+def conv1x1_kernel(x, w2d, bias, code, y, cols_per_job):
     """x (nb, c, s) -> y (nb, n, s) = act(w2d @ x[b] + bias) by blocks of columns."""
     nb, c, s = x.shape
     n = w2d.shape[0]
@@ -160,7 +160,7 @@ def _conv1x1_kernel(x, w2d, bias, code, y, cols_per_job):
 
 
 @njit(cache=True, parallel=True, nogil=True)
-def _batched_gemm(u, v, m, cols_per_job):
+def batched_gemm(u, v, m, cols_per_job):
     """m[a] = u[a] @ v[a] for every a; u (A, n, c), v (A, c, t), m (A, n, t); jobs = (a, block of columns)."""
     na, n, c = u.shape
     t = v.shape[2]
@@ -187,7 +187,7 @@ def _col2im_block(col, b, c0, cg, kh, kw, sy, sx, pad, dil, oh, ow, gx):
 
 
 @njit(cache=True, parallel=True, nogil=True)
-def _conv_backward_kernel(x, w2d, gy, groups, kh, kw, sy, sx, pad, dil, one_by_one, need_gx, gx, gw_partial, ws):
+def conv_backward_kernel(x, w2d, gy, groups, kh, kw, sy, sx, pad, dil, one_by_one, need_gx, gx, gw_partial, ws):
     """Per image (one job each): im2col, grad_w += gy @ col^T into the thread's partial sum, and
     dcol = W^T @ gy scattered back by col2im."""
     nb, c, h, w = x.shape

@@ -3,7 +3,7 @@ filter transform, input transform, output transform with fused bias + activation
 
 Two layouts: compact (tiles of one band side by side) and, for wide images, "long" (one dummy tile per band so all
 bands form one flat run and each transform step is one long vector loop). The 36 GEMMs in between are
-darkprune.engine.conv_gemm._batched_gemm; darkprune.engine.conv chooses the layout and sizes the scratch.
+darkprune.engine.conv_gemm.batched_gemm; darkprune.engine.conv chooses the layout and sizes the scratch.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from darkprune.engine.activations import bias_act_row, typed
 
 
 @njit(cache=True, parallel=True, nogil=True)
-def _wino_filter_transform(w, u):
+def wino_filter_transform(w, u):
     """w (n, c, 3, 3) -> u (36, n, c) = G w G^T."""
     nf, nc = w.shape[0], w.shape[1]
     for f in prange(nf):
@@ -209,13 +209,13 @@ def _phase_split4(x, b, c, pad, hp, tw1, ph):
             _split_row4(x[b, c, r - pad], pad, j0, j1, tw1, p0, p1, p2, p3)
 
 
-def _wino_input_scratch_elements(th, tw):
+def wino_input_scratch_elements(th, tw):
     hp = 4 * th + 2
     return 4 * hp * (tw + 1) + 24 * (tw + 1)
 
 
 @njit(cache=True, parallel=True, nogil=True)
-def _wino_input_transform(x, pad, th, tw, v, ws):
+def wino_input_transform(x, pad, th, tw, v, ws):
     """x (nb, c, h, w) -> v (36, c, nb*th*tw): B^T d B for every 6x6 tile (tile origin (4ty - pad, 4tx - pad)).
 
     Per (image, channel): the padded plane is split into its 4 column phases (so a tile's 6 columns are phase
@@ -250,12 +250,12 @@ def _wino_input_transform(x, pad, th, tw, v, ws):
                 _bt6_rows(t, i, tw1, vflat, (i * 6 * nc + c) * v.shape[2] + col0, vstride, tw, four, five, two)
 
 
-def _wino_output_scratch_elements(tw):
+def wino_output_scratch_elements(tw):
     return 40 * tw
 
 
 @njit(cache=True, parallel=True, nogil=True)
-def _wino_output_transform(m, bias, th, tw, code, y, ws):
+def wino_output_transform(m, bias, th, tw, code, y, ws):
     """m (36, n, nb*th*tw) -> y (nb, n, oh, ow) = act(A^T m A + bias), contiguous loops over the tiles of a band."""
     nb, nf, oh, ow = y.shape
     ntiles = th * tw
@@ -289,12 +289,12 @@ def _wino_output_transform(m, bias, th, tw, code, y, ws):
 # flat run of th*(tw+1) and every transform step is a single long vectorised loop over it.
 
 
-def _wino_long_input_scratch_elements(th, tw):
+def wino_long_input_scratch_elements(th, tw):
     return 16 * (th + 1) * (tw + 1) + 24 * th * (tw + 1) + 1
 
 
 @njit(cache=True, parallel=True, nogil=True)
-def _wino_input_long(x, pad, th, tw, v, ws):
+def wino_input_long(x, pad, th, tw, v, ws):
     """x (nb, c, h, w) -> v (36, c, nb*th*(tw+1)): tile (b, ty, tx) in column (b*th + ty)*(tw+1) + tx.
 
     Per (image, channel) the padded plane is split 16 ways by (row mod 4, column mod 4): P[m][l][ty][tx] =
@@ -340,13 +340,13 @@ def _wino_input_long(x, pad, th, tw, v, ws):
             _bt6_rows(t, i, flat, vflat, (i * 6 * nc + c) * v.shape[2] + b * flat, vstride, flat, four, five, two)
 
 
-def _wino_long_output_scratch_elements(th, tw):
+def wino_long_output_scratch_elements(th, tw):
     return 40 * th * (tw + 1)
 
 
 @njit(cache=True, parallel=True, nogil=True)
-def _wino_output_long(m, bias, th, tw, code, y, ws):
-    """m (36, n, nb*th*(tw+1)) (layout of _wino_input_long) -> y = act(A^T m A + bias), flat loops over the tiles."""
+def wino_output_long(m, bias, th, tw, code, y, ws):
+    """m (36, n, nb*th*(tw+1)) (layout of wino_input_long) -> y = act(A^T m A + bias), flat loops over the tiles."""
     nb, nf, oh, ow = y.shape
     tw1 = tw + 1
     flat = th * tw1
