@@ -162,9 +162,20 @@ def _batches(images: Sequence[Any], batch: int) -> Iterator[tuple[int, list]]:
         yield start, list(images[start:start + batch])
 
 
-def _network_geometry(network: Network) -> tuple[int, int, int]:
+def network_geometry(network: Network) -> tuple[int, int, int]:
+    """(width, height, channels) of the network's input, from its [net] section."""
     net = network.graph.net
     return int(net["width"]), int(net["height"]), int(net["channels"])
+
+
+def detector_resize(network: Network, letterbox: bool | None, mode: str) -> tuple[str, bool]:
+    """(the data module's resize mode, whether letterboxed) for a detector; letterbox None follows the cfg's
+    letter_box."""
+    if letterbox is None:
+        letterbox = bool(network.graph.net.get("letter_box", 0))
+    if letterbox and mode == "opencv":
+        raise DarkpruneError("letterbox resizing is Darknet's: use mode='darknet' with letterbox")
+    return ("letterbox" if letterbox else mode), letterbox
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -182,12 +193,8 @@ def iter_detections(model_or_network: Any, images: Sequence[Any], thresh: float 
     if not heads:
         raise DarkpruneError(f"{network.graph.cfg.path}: the network has no [yolo] or [region] layer to detect "
                              f"with (a classifier? use classify)")
-    width, height, channels = _network_geometry(network)
-    if letterbox is None:
-        letterbox = bool(network.graph.net.get("letter_box", 0))
-    if letterbox and mode == "opencv":
-        raise DarkpruneError("letterbox resizing is Darknet's: use mode='darknet' with letterbox")
-    resize = "letterbox" if letterbox else mode
+    width, height, channels = network_geometry(network)
+    resize, letterbox = detector_resize(network, letterbox, mode)
     indices = [index for index, _ in heads]
     images = list(images)
     for start, chunk in _batches(images, batch):
@@ -246,7 +253,7 @@ def iter_classifications(model_or_network: Any, images: Sequence[Any], top: int 
     if is_detector(network.graph):
         raise DarkpruneError(f"{network.graph.cfg.path}: the network is a detector ([yolo]/[region] heads): use "
                              f"detect")
-    width, height, channels = _network_geometry(network)
+    width, height, channels = network_geometry(network)
     output = classifier_output(network)
     images = list(images)
     for start, chunk in _batches(images, batch):

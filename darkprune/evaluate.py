@@ -27,21 +27,22 @@ from __future__ import annotations
 
 import os
 import sys
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
 from tqdm import tqdm
 
-from darkprune.data import Dataset, cache_key, cache_root, iter_input_batches, load_data
+from darkprune.data import Dataset, iter_input_batches, load_data
+from darkprune.data.cache import cached_entry
 from darkprune.detect import (
     DETECT_MODES,
     as_network,
     classifier_input,
     classifier_output,
     detection_heads,
+    detector_resize,
+    network_geometry,
 )
 from darkprune.engine.decode import decode_image
 from darkprune.engine.network import Network
@@ -102,11 +103,6 @@ def _cfg_name(network: Network) -> str:
     return str(network.graph.cfg.path or "the model")
 
 
-def _geometry(network: Network) -> tuple[int, int, int]:
-    net = network.graph.net
-    return int(net["width"]), int(net["height"]), int(net["channels"])
-
-
 def _bar(total: int, enabled: bool):
     return tqdm(total=total, desc="evaluating", unit="img", file=sys.stderr, disable=not enabled, leave=False)
 
@@ -124,12 +120,8 @@ def _evaluate_detector(network: Network, heads: list, dataset: Dataset, run: For
     if classes != dataset.classes:
         raise DarkpruneError(f"{dataset.source}: classes={dataset.classes}, but the [yolo]/[region] layers of "
                              f"{_cfg_name(network)} predict {classes} classes")
-    width, height, channels = _geometry(network)
-    if letterbox is None:
-        letterbox = bool(network.graph.net.get("letter_box", 0))
-    if letterbox and mode == "opencv":
-        raise DarkpruneError("letterbox resizing is Darknet's: use mode='darknet' with letterbox")
-    resize = "letterbox" if letterbox else mode
+    width, height, channels = network_geometry(network)
+    resize, letterbox = detector_resize(network, letterbox, mode)
     indices = [index for index, _ in heads]
     evaluator = DetectionEvaluator(dataset.classes, dataset.names, iou_thresh, thresh)
     batches = iter_input_batches(dataset, width, height, batch, channels, resize, cache, cache_dir, show)
@@ -169,7 +161,7 @@ def _evaluate_classifier(network: Network, dataset: Dataset, run: Forward, batch
     if outputs < dataset.classes:
         raise DarkpruneError(f"{dataset.source}: classes={dataset.classes}, but {_cfg_name(network)} outputs "
                              f"{outputs} scores (layer {output})")
-    width, height, channels = _geometry(network)
+    width, height, channels = network_geometry(network)
     top = max(1, int(dataset.top))
     evaluators = {k: ClassificationEvaluator(k) for k in sorted({1, 5, top})}
     if mode == "darknet":
@@ -194,8 +186,8 @@ def _classifier_batches(paths: list[str], width: int, height: int, channels: int
                         cache_dir, show: bool) -> Iterator[tuple[int, int, np.ndarray, np.ndarray]]:
     """Batches of Darknet's classifier inputs (resize_min + centred crop), from the cache or made on the fly.
 
-    The data module's cache knows only whole-image resizing, so this keeps its own entries in the same folder with
-    the same key scheme (paths, sizes, mtimes, settings) and the same file naming, under mode "darknet-crop".
+    The data module's preprocessing knows only whole-image resizing, so this fills the cache's entries itself (same
+    folder, key scheme and file naming, through data.cache.cached_entry) under the mode name "darknet-crop".
     """
     if not cache:
         for start in range(0, len(paths), batch):
@@ -230,58 +222,8 @@ def _prepare_classifier_inputs(paths: list[str], width: int, height: int, channe
 
 def _cached_classifier_inputs(paths: list[str], width: int, height: int, channels: int, cache_dir, batch: int,
                               show: bool) -> tuple[np.ndarray, np.ndarray]:
-    root = cache_root(cache_dir)
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise DarkpruneError(f"{root}: cannot create the cache folder: {exc.strerror or exc}") from None
-    key = cache_key(paths, width, height, channels, CLASSIFIER_CACHE_MODE)
-    stem = f"inputs-{width}x{height}x{channels}-{CLASSIFIER_CACHE_MODE}-{key}"
-    inputs_path, sizes_path = root / f"{stem}.npy", root / f"{stem}.sizes.npy"
-    entry = _open_entry(inputs_path, sizes_path, len(paths))
-    if entry is not None:
-        return entry
-    temps = []
-    try:
-        for _ in range(2):
-            fd, name = tempfile.mkstemp(dir=root, prefix=".tmp-", suffix=".npy")
-            os.close(fd)
-            temps.append(name)
-        array = np.lib.format.open_memmap(temps[0], mode="w+", dtype=np.float32,
-                                          shape=(len(paths), channels, height, width))
-        sizes = np.zeros((len(paths), 2), np.int32)
-        with tqdm(total=len(paths), desc="preprocessing", unit="img", file=sys.stderr, disable=not show,
-                  leave=False) as bar:
-            for start in range(0, len(paths), batch):
-                stop = min(start + batch, len(paths))
-                _, sizes[start:stop] = _prepare_classifier_inputs(paths[start:stop], width, height, channels,
-                                                                  out=array[start:stop])
-                bar.update(stop - start)
-        array.flush()
-        del array
-        np.save(temps[1], sizes)
-        os.replace(temps[1], sizes_path)  # sizes first: an inputs file in place means a complete entry
-        os.replace(temps[0], inputs_path)
-    except OSError as exc:
-        raise DarkpruneError(f"{root}: cannot write the input cache: {exc.strerror or exc}") from None
-    finally:
-        for name in temps:
-            if os.path.exists(name):
-                os.remove(name)
-    entry = _open_entry(inputs_path, sizes_path, len(paths))
-    if entry is None:
-        raise DarkpruneError(f"{inputs_path}: the cache entry just written cannot be read back")
-    return entry
+    def fill(chunk: list[str], out: np.ndarray) -> np.ndarray:
+        return _prepare_classifier_inputs(chunk, width, height, channels, out=out)[1]
 
-
-def _open_entry(inputs_path: Path, sizes_path: Path, count: int) -> tuple[np.ndarray, np.ndarray] | None:
-    if not (inputs_path.exists() and sizes_path.exists()):
-        return None
-    try:
-        inputs = np.load(inputs_path, mmap_mode="r")
-        sizes = np.load(sizes_path)
-    except (OSError, ValueError):
-        return None  # a damaged entry: rebuilt
-    if len(inputs) != count or sizes.shape != (count, 2):
-        return None
-    return inputs, sizes
+    entry = cached_entry(paths, width, height, channels, CLASSIFIER_CACHE_MODE, fill, cache_dir, batch, show)
+    return entry.inputs, entry.sizes

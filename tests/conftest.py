@@ -1,5 +1,6 @@
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,3 +46,69 @@ def real_model_pairs() -> list[tuple[Path, Path]]:
     if not pairs:
         pairs.append((BUNDLED_CFG, BUNDLED_WEIGHTS))
     return pairs
+
+
+def central_difference(f, flat, i, eps):
+    """(f() at flat[i] + eps - f() at flat[i] - eps) / (2 eps): flat is a view of the array f reads, perturbed in
+    place and restored."""
+    old = flat[i]
+    flat[i] = old + eps
+    up = f()
+    flat[i] = old - eps
+    down = f()
+    flat[i] = old
+    return (up - down) / (2 * eps)
+
+
+def central_grad(f, x, eps, entries=None):
+    """The gradient of the scalar f() w.r.t. x by central differences, over every entry of x or only the flat
+    indices `entries` (the others are NaN). x (C-contiguous) is perturbed in place and restored."""
+    grad = np.zeros_like(x) if entries is None else np.full_like(x, np.nan)
+    flat, gflat = x.reshape(-1), grad.reshape(-1)
+    for i in (range(flat.size) if entries is None else entries):
+        gflat[i] = central_difference(f, flat, i, eps)
+    return grad
+
+
+def quiet_cache(monkeypatch, folder) -> None:
+    """For one test: no progress bars, and the decoded-input cache in `folder` (not the user's ~/.cache)."""
+    monkeypatch.setenv("DARKPRUNE_QUIET", "1")
+    monkeypatch.setenv("DARKPRUNE_CACHE", str(folder))
+
+
+def asset_files(*paths: Path) -> tuple[Path, ...]:
+    """The given shared-asset files; the test is skipped when any of them is missing."""
+    if not all(path.exists() for path in paths):
+        pytest.skip("shared assets not present")
+    return paths
+
+
+@pytest.fixture
+def quiet(monkeypatch, tmp_path_factory, request):
+    """quiet_cache with one cache folder per test module (modules opt in with pytest.mark.usefixtures("quiet"))."""
+    quiet_cache(monkeypatch, tmp_path_factory.getbasetemp() / f"{request.module.__name__}-cache")
+
+
+def perturb_params(model, rng) -> None:
+    """Random weights come with zero biases and an identity batch norm; give them random shifts, scales and
+    statistics, so that a pruned channel whose bias or batch-norm shift was not cleared would show."""
+    for arrays in model.params.values():
+        for name, arr in arrays.items():
+            if name == "biases":
+                arr[:] = rng.normal(0.0, 0.2, arr.shape)
+            elif name == "scales":
+                arr[:] = rng.uniform(0.5, 1.5, arr.shape)
+            elif name == "rolling_mean":
+                arr[:] = rng.normal(0.0, 0.2, arr.shape)
+            elif name == "rolling_variance":
+                arr[:] = rng.uniform(0.5, 2.0, arr.shape)
+
+
+@pytest.fixture(params=["serial", "parallel"])
+def kernels(request, monkeypatch):
+    """Runs a test with the serial kernels (the small-layer default) and again with the parallel ones forced."""
+    from darkprune.engine import pool, yolo
+    if request.param == "parallel":
+        monkeypatch.setattr(pool, "PARALLEL_MIN_WORK", 0)
+        monkeypatch.setattr(yolo, "PARALLEL_MIN_SIZE", 0)
+    return request.param

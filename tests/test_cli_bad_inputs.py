@@ -15,10 +15,7 @@ from conftest import BUNDLED_CFG, BUNDLED_DATA, BUNDLED_WEIGHTS
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def quiet(monkeypatch, tmp_path_factory):
-    monkeypatch.setenv("DARKPRUNE_QUIET", "1")
-    monkeypatch.setenv("DARKPRUNE_CACHE", str(tmp_path_factory.getbasetemp() / "bad-input-cache"))
+pytestmark = pytest.mark.usefixtures("quiet")
 
 
 @pytest.fixture

@@ -9,23 +9,17 @@ import pytest
 
 import darkprune as dp
 from darkprune.cli import main
-from conftest import ASSETS, run_cli
+from conftest import ASSETS, asset_files, run_cli
 
 LENET = ASSETS / "models" / "mnist-lenet"
 
 
-@pytest.fixture(autouse=True)
-def quiet(monkeypatch, tmp_path_factory):
-    monkeypatch.setenv("DARKPRUNE_QUIET", "1")
-    monkeypatch.setenv("DARKPRUNE_CACHE", str(tmp_path_factory.getbasetemp() / "cli-compress-cache"))
+pytestmark = pytest.mark.usefixtures("quiet")
 
 
 @pytest.fixture(scope="module")
 def pair():
-    cfg, weights = LENET / "mnist_lenet.cfg", LENET / "mnist_lenet.weights"
-    if not (cfg.exists() and weights.exists()):
-        pytest.skip("shared assets not present")
-    return cfg, weights
+    return asset_files(LENET / "mnist_lenet.cfg", LENET / "mnist_lenet.weights")
 
 
 @pytest.fixture(scope="module")

@@ -18,24 +18,19 @@ import pytest
 import darkprune as dp
 from darkprune.detect import detect
 from darkprune.engine.network import OPENCV_BN_EPS, Network
-from conftest import ASSETS, ROOT, run_cli
+from conftest import ASSETS, ROOT, asset_files, run_cli
 
 cv2 = pytest.importorskip("cv2")
 FASTEST = ASSETS / "models" / "yolo-fastest-1.1"
 DOG = ASSETS / "images" / "dog.jpg"
 
 
-@pytest.fixture(autouse=True)
-def quiet(monkeypatch, tmp_path_factory):
-    monkeypatch.setenv("DARKPRUNE_QUIET", "1")
-    monkeypatch.setenv("DARKPRUNE_CACHE", str(tmp_path_factory.getbasetemp() / "cli-run-cache"))
+pytestmark = pytest.mark.usefixtures("quiet")
 
 
 @pytest.fixture(scope="module")
 def fastest():
-    cfg, weights = FASTEST / "yolo-fastest-1.1.cfg", FASTEST / "yolo-fastest-1.1.weights"
-    if not (cfg.exists() and weights.exists() and DOG.exists()):
-        pytest.skip("shared assets not present")
+    cfg, weights, _ = asset_files(FASTEST / "yolo-fastest-1.1.cfg", FASTEST / "yolo-fastest-1.1.weights", DOG)
     return cfg, weights
 
 

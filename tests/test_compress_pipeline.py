@@ -15,24 +15,18 @@ from darkprune.compress.pipeline import (compress, compressible_layers, decompre
                                          read_compressed, resolve_layer_options)
 from darkprune.engine.network import OPENCV_BN_EPS, Network
 from darkprune.errors import DarkpruneError
-from conftest import ASSETS, ROOT
+from conftest import ASSETS, ROOT, asset_files
 
 LENET = ASSETS / "models" / "mnist-lenet"
 MNIST = ASSETS / "mnist"
 
 
-@pytest.fixture(autouse=True)
-def quiet(monkeypatch, tmp_path_factory):
-    monkeypatch.setenv("DARKPRUNE_QUIET", "1")
-    monkeypatch.setenv("DARKPRUNE_CACHE", str(tmp_path_factory.getbasetemp() / "compress-cache"))
+pytestmark = pytest.mark.usefixtures("quiet")
 
 
 @pytest.fixture(scope="module")
 def lenet():
-    cfg, weights = LENET / "mnist_lenet.cfg", LENET / "mnist_lenet.weights"
-    if not (cfg.exists() and weights.exists()):
-        pytest.skip("shared assets not present")
-    return dp.load(cfg, weights)
+    return dp.load(*asset_files(LENET / "mnist_lenet.cfg", LENET / "mnist_lenet.weights"))
 
 
 @pytest.fixture(scope="module")

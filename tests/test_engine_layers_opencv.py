@@ -48,15 +48,6 @@ def _opencv(tmp_path, cfg: str, blobs, x: np.ndarray, only=None) -> dict:
     return dict(zip(wanted, outs))
 
 
-@pytest.fixture(params=["serial", "parallel"])
-def kernels(request, monkeypatch):
-    """Runs a test with the serial kernels (the small-layer default) and again with the parallel ones forced."""
-    if request.param == "parallel":
-        monkeypatch.setattr(pool, "PARALLEL_MIN_WORK", 0)
-        monkeypatch.setattr(yolo, "PARALLEL_MIN_SIZE", 0)
-    return request.param
-
-
 def _net(c: int, h: int, w: int) -> str:
     return f"[net]\nwidth={w}\nheight={h}\nchannels={c}\n\n"
 

@@ -16,6 +16,8 @@ from darkprune.detect import classifier_input, classify, detect, read_image
 from darkprune.errors import DarkpruneError
 from darkprune.evaluate import evaluate
 
+from conftest import quiet_cache
+
 DETECTOR_CFG = """[net]
 width=32
 height=32
@@ -52,8 +54,7 @@ activation=linear
 
 @pytest.fixture(autouse=True)
 def quiet(monkeypatch, tmp_path):
-    monkeypatch.setenv("DARKPRUNE_QUIET", "1")
-    monkeypatch.setenv("DARKPRUNE_CACHE", str(tmp_path / "cache"))
+    quiet_cache(monkeypatch, tmp_path / "cache")
 
 
 def write_png(path: Path, width: int, height: int, value: int = 128, channels: int = 3) -> Path:
@@ -110,10 +111,17 @@ def detector(tmp_path):
     return dp.load(cfg)
 
 
-def test_perfect_detections_give_map_one(tmp_path, detector):
+@pytest.fixture
+def two_images(tmp_path):
+    """A dataset of two images with one object each (class 0 in "a", class 1 in "b"), and the output cell that
+    predicts a's box exactly."""
     data = detection_dataset(tmp_path, {"a": ((64, 48), [(0, 0.3, 0.6, 0.25, 0.5)]),
                                         "b": ((40, 40), [(1, 0.7, 0.2, 0.5, 0.25)])})
-    ra = box_cell(0.3, 0.6, 0.25, 0.5, 8)
+    return data, box_cell(0.3, 0.6, 0.25, 0.5, 8)
+
+
+def test_perfect_detections_give_map_one(two_images, detector):
+    data, ra = two_images
     rb = box_cell(0.7, 0.2, 0.5, 0.25, 8)
     outputs = [yolo_output([(0, *ra, 0.9, (0.95, 0.05))]), yolo_output([(0, *rb, 0.9, (0.05, 0.95))])]
     result = evaluate(detector, data, forward=hook(outputs), batch=1, progress=False)
@@ -126,10 +134,8 @@ def test_perfect_detections_give_map_one(tmp_path, detector):
     assert result["detections"] == 4 and result["truths"] == 2 and result["images"] == 2
 
 
-def test_a_box_that_misses_costs_its_class(tmp_path, detector):
-    data = detection_dataset(tmp_path, {"a": ((64, 48), [(0, 0.3, 0.6, 0.25, 0.5)]),
-                                        "b": ((40, 40), [(1, 0.7, 0.2, 0.5, 0.25)])})
-    ra = box_cell(0.3, 0.6, 0.25, 0.5, 8)
+def test_a_box_that_misses_costs_its_class(two_images, detector):
+    data, ra = two_images
     # b's prediction is half as tall as its truth (same centre): IoU exactly 0.5, which does not count (> 0.5).
     rb = box_cell(0.7, 0.2, 0.5, 0.125, 8)
     outputs = [yolo_output([(0, *ra, 0.9, (0.95, 0.0))]), yolo_output([(0, *rb, 0.9, (0.0, 0.95))])]

@@ -27,10 +27,7 @@ def asset(*parts) -> Path:
     return path
 
 
-@pytest.fixture(autouse=True)
-def quiet(monkeypatch, tmp_path_factory):
-    monkeypatch.setenv("DARKPRUNE_QUIET", "1")
-    monkeypatch.setenv("DARKPRUNE_CACHE", str(tmp_path_factory.getbasetemp() / "eval-real-cache"))
+pytestmark = pytest.mark.usefixtures("quiet")
 
 
 def test_yolo_fastest_map_equals_darknet_detector_map(capsys):

@@ -8,21 +8,14 @@ import pytest
 from darkprune.engine.activations import activate_, activation_backward
 from darkprune.engine.connected import connected_backward, connected_forward_train
 
+from conftest import central_grad
+
 STEP = 1e-6
 
 
 def numeric_grad(f, arr, weights):
-    grad = np.empty_like(arr)
-    flat, gflat = arr.reshape(-1), grad.reshape(-1)
-    for i in range(flat.size):
-        old = flat[i]
-        flat[i] = old + STEP
-        up = float((f() * weights).sum())
-        flat[i] = old - STEP
-        down = float((f() * weights).sum())
-        flat[i] = old
-        gflat[i] = (up - down) / (2 * STEP)
-    return grad
+    """d sum(f() * weights) / d arr by central differences."""
+    return central_grad(lambda: float((f() * weights).sum()), arr, STEP)
 
 
 def assert_grad(got, numeric, rel=1e-6):

@@ -15,24 +15,15 @@ from darkprune.engine.batchnorm import (
 )
 from darkprune.engine.conv import conv2d_backward, conv2d_forward
 
+from conftest import central_grad
+
 STEP = 1e-6
 
 
 def numeric_grad(f, arr, weights, entries=None):
     """d sum(f() * weights) / d arr by central differences over every entry of arr (or only the flat indices
     `entries`; the others are left NaN). arr is modified in place and restored."""
-    grad = np.full_like(arr, np.nan)
-    flat = arr.reshape(-1)
-    gflat = grad.reshape(-1)
-    for i in (range(flat.size) if entries is None else entries):
-        old = flat[i]
-        flat[i] = old + STEP
-        up = float((f() * weights).sum())
-        flat[i] = old - STEP
-        down = float((f() * weights).sum())
-        flat[i] = old
-        gflat[i] = (up - down) / (2 * STEP)
-    return grad
+    return central_grad(lambda: float((f() * weights).sum()), arr, STEP, entries)
 
 
 def assert_grad(got, numeric, rel=1e-6):

@@ -5,23 +5,14 @@ import pytest
 
 from darkprune.engine import crop, dropout, pool, reorg, route, sam, scale_channels, shortcut, softmax, upsample, yolo
 
+from conftest import central_grad
+
 EPS = 1e-6
 
 
 def _numeric_grad(loss, arrays, which):
     """Central differences of loss() w.r.t. arrays[which] (perturbed in place)."""
-    a = arrays[which]
-    grad = np.zeros_like(a)
-    flat, gflat = a.reshape(-1), grad.reshape(-1)
-    for i in range(flat.size):
-        old = flat[i]
-        flat[i] = old + EPS
-        up = loss()
-        flat[i] = old - EPS
-        down = loss()
-        flat[i] = old
-        gflat[i] = (up - down) / (2 * EPS)
-    return grad
+    return central_grad(loss, arrays[which], EPS)
 
 
 def _check(forward, arrays, analytic, rtol=1e-6, atol=1e-8):
@@ -37,15 +28,6 @@ def _check(forward, arrays, analytic, rtol=1e-6, atol=1e-8):
         num = _numeric_grad(loss, arrays, which)
         assert g.shape == arrays[which].shape
         np.testing.assert_allclose(g, num, rtol=rtol, atol=atol, err_msg=f"input {which}")
-
-
-@pytest.fixture(params=["serial", "parallel"])
-def kernels(request, monkeypatch):
-    """Runs a test with the serial kernels (the small-layer default) and again with the parallel ones forced."""
-    if request.param == "parallel":
-        monkeypatch.setattr(pool, "PARALLEL_MIN_WORK", 0)
-        monkeypatch.setattr(yolo, "PARALLEL_MIN_SIZE", 0)
-    return request.param
 
 
 def _rand(*shape, seed=0):

@@ -15,7 +15,7 @@ from darkprune.prune.groups import find_groups
 from darkprune.prune.masks import Masks, apply_masks, live_stats
 from darkprune.prune.transform import transform
 
-from conftest import asset
+from conftest import asset, perturb_params
 
 # (asset path, weights or None = random, [net] width=height override, seeds). Classifiers lose their trailing
 # softmax/cost in the test copy so that OpenCV's outputs are the raw logits (a softmax over random logits is flat and
@@ -76,21 +76,6 @@ def random_masks(groups, rng, heavy=False) -> dict:
     return masks
 
 
-def perturb(model, rng) -> None:
-    """Random weights come with zero biases and an identity batch norm; give them random shifts, scales and
-    statistics so that a channel whose bias or batch-norm shift was not cleared would show."""
-    for arrays in model.params.values():
-        for name, arr in arrays.items():
-            if name == "biases":
-                arr[:] = rng.normal(0.0, 0.2, arr.shape)
-            elif name == "scales":
-                arr[:] = rng.uniform(0.5, 1.5, arr.shape)
-            elif name == "rolling_mean":
-                arr[:] = rng.normal(0.0, 0.2, arr.shape)
-            elif name == "rolling_variance":
-                arr[:] = rng.uniform(0.5, 2.0, arr.shape)
-
-
 def with_readers_restored(masked, model):
     """apply_masks also clears the weights that *read* a pruned channel (they are dropped by transform anyway). Put
     them back, so that a comparison with the transformed model fails unless every pruned channel outputs zero."""
@@ -135,7 +120,7 @@ def test_transform_matches_masked_model_in_opencv(case, tmp_path):
         groups = find_groups(model.graph)
         rng = np.random.default_rng(seed)
         if weights_path is None:
-            perturb(model, rng)
+            perturb_params(model, rng)
         masks = random_masks(groups, rng, heavy=(seed == 2))
         assert masks, "nothing prunable"
         masked = apply_masks(model, masks)
@@ -262,7 +247,7 @@ def test_standalone_batchnorm_and_per_channel_shortcut_are_sliced(body):
     text = "[net]\nwidth=8\nheight=8\nchannels=3\n" + body + "[convolutional]\nfilters=4\nsize=1\nactivation=linear\n"
     model = Model.from_cfg(parse_cfg_text(text, "hand.cfg"), seed=0)
     rng = np.random.default_rng(0)
-    perturb(model, rng)
+    perturb_params(model, rng)
     for arrays in model.params.values():
         if "weights" in arrays and arrays["weights"].ndim == 2:            # the shortcut's fusion weights
             arrays["weights"][:] = rng.uniform(0.5, 1.5, arrays["weights"].shape)

@@ -23,8 +23,8 @@ from darkprune.prune.criteria import channel_scores, channels_to_prune
 from darkprune.prune.groups import grouping_for
 from darkprune.prune.masks import apply_masks
 
-from conftest import BUNDLED_CFG, BUNDLED_DATA, BUNDLED_WEIGHTS, asset
-from test_prune_workflow_exactness import _shrunk, perturb
+from conftest import BUNDLED_CFG, BUNDLED_DATA, BUNDLED_WEIGHTS, asset, perturb_params
+from test_prune_workflow_exactness import _shrunk
 
 # Every layer kind the divergence rules know, and the ones they must stop at: a conv without batch norm followed by
 # a standalone [batchnorm] and an [activation], a depthwise conv, a per-channel weighted shortcut, maxpool,
@@ -108,7 +108,7 @@ activation=linear
 def hand_model(seed=0):
     model = Model.from_cfg(parse_cfg_text(HAND, "hand.cfg"), seed=seed)
     rng = np.random.default_rng(seed)
-    perturb(model, rng)
+    perturb_params(model, rng)
     for arrays in model.params.values():                 # the shortcut's per-channel weights: not all ones
         if "weights" in arrays and arrays["weights"].ndim == 2 and arrays["weights"].shape[0] == 2:
             arrays["weights"][:] = rng.uniform(0.5, 1.5, arrays["weights"].shape)
@@ -177,7 +177,7 @@ def test_prefix_path_is_exact_on_asset_cfgs(name):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = Model.from_cfg(_shrunk(asset("cfg", name)), seed=1)
-    perturb(model, np.random.default_rng(1))
+    perturb_params(model, np.random.default_rng(1))
     check_prefix_path(model, np.random.default_rng(2), max_groups=12, rates=(0.5,))
 
 

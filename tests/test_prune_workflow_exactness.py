@@ -28,7 +28,7 @@ from darkprune.prune.groups import find_groups
 from darkprune.prune.masks import apply_masks, live_stats
 from darkprune.prune.transform import transform
 
-from conftest import asset_cfgs
+from conftest import asset_cfgs, perturb_params
 from opencv_ref import opencv_forward
 
 cv2 = pytest.importorskip("cv2")
@@ -136,20 +136,6 @@ def _small_input(path):
     return cfg
 
 
-def perturb(model, rng) -> None:
-    """Random biases, scales and statistics: a pruned channel whose shift survived would then not be zero."""
-    for arrays in model.params.values():
-        for name, arr in arrays.items():
-            if name == "biases":
-                arr[:] = rng.normal(0.0, 0.2, arr.shape)
-            elif name == "scales":
-                arr[:] = rng.uniform(0.5, 1.5, arr.shape)
-            elif name == "rolling_mean":
-                arr[:] = rng.normal(0.0, 0.2, arr.shape)
-            elif name == "rolling_variance":
-                arr[:] = rng.uniform(0.5, 2.0, arr.shape)
-
-
 def compared_layers(graph) -> list[int]:
     """The network's outputs, looked through heads, softmax, cost and dropout to the layers computing them."""
     out, stack = set(), list(graph.output_layers())
@@ -227,7 +213,7 @@ def build(path, tmp_dir):
         rng = np.random.default_rng(seed)
         if seed:
             model = Model.from_cfg(cfg, seed=seed)
-        perturb(model, rng)
+        perturb_params(model, rng)
         masks = random_masks(groups, rng)
         if not masks:
             break

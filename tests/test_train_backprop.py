@@ -17,6 +17,8 @@ from darkprune.darknet.model import Model
 from darkprune.engine.network import Network
 from darkprune.train.backprop import TrainBatch, TrainingNetwork, classifier_loss, trainable_parameters
 
+from conftest import central_difference
+
 EPS = 1e-6
 
 
@@ -51,13 +53,7 @@ def numeric_check(model, loss_fn, analytic: dict, samples: int = 10, seed: int =
         flat, gflat = arr.reshape(-1), grad.reshape(-1)
         picks = range(flat.size) if flat.size <= samples else rng.choice(flat.size, samples, replace=False)
         for k in picks:
-            old = flat[k]
-            flat[k] = old + EPS
-            up = loss_fn()
-            flat[k] = old - EPS
-            down = loss_fn()
-            flat[k] = old
-            numeric = (up - down) / (2 * EPS)
+            numeric = central_difference(loss_fn, flat, k, EPS)
             assert gflat[k] == pytest.approx(numeric, rel=rtol, abs=atol), \
                 f"layer {index} {name}[{k}]: analytic {gflat[k]:.8g}, finite differences {numeric:.8g}"
             checked += 1

@@ -8,21 +8,13 @@ import pytest
 from darkprune.train.losses import (cost_layer, network_cost, smoothed_targets, softmax_cross_entropy, sse,
                                     train_loss, update_avg_loss)
 
+from conftest import central_grad
+
 EPS = 1e-6
 
 
 def numeric_grad(f, x):
-    g = np.zeros_like(x)
-    flat, gf = x.reshape(-1), g.reshape(-1)
-    for i in range(flat.size):
-        old = flat[i]
-        flat[i] = old + EPS
-        up = f()
-        flat[i] = old - EPS
-        down = f()
-        flat[i] = old
-        gf[i] = (up - down) / (2 * EPS)
-    return g
+    return central_grad(f, x, EPS)
 
 
 def reference_softmax(z):

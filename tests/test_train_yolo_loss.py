@@ -16,6 +16,8 @@ from darkprune.darknet.cfg import parse_cfg_text
 from darkprune.darknet.graph import build_graph
 from darkprune.train.yolo_loss import RegionOptions, YoloOptions, dx_box_iou, region_loss, yolo_loss
 
+from conftest import central_grad
+
 EPS = 1e-6
 
 
@@ -63,17 +65,7 @@ def ref_giou(a, b):
 
 
 def numeric_grad(f, x):
-    g = np.zeros_like(x)
-    flat, gf = x.reshape(-1), g.reshape(-1)
-    for i in range(flat.size):
-        old = flat[i]
-        flat[i] = old + EPS
-        up = f()
-        flat[i] = old - EPS
-        down = f()
-        flat[i] = old
-        gf[i] = (up - down) / (2 * EPS)
-    return g
+    return central_grad(f, x, EPS)
 
 
 def ref_yolo_loss(x, truths, o: YoloOptions, net_w, net_h, stats=None):

@@ -22,6 +22,7 @@ from typing import Iterable, Iterator
 
 from ..errors import DarkpruneError
 from ..util.files import atomic_write_bytes
+from ..util.textio import read_input_bytes
 
 # Section names Darknet accepts, mapped to our canonical type names (parser.c: string_to_layer_type).
 SECTION_ALIASES = {
@@ -247,14 +248,7 @@ def parse_cfg_text(text: str, path: str = "<cfg>") -> Cfg:
 
 def read_cfg(path: str | os.PathLike) -> Cfg:
     path = str(path)
-    try:
-        data = Path(path).read_bytes()
-    except FileNotFoundError:
-        raise DarkpruneError(f"{path}: no such cfg file") from None
-    except IsADirectoryError:
-        raise DarkpruneError(f"{path}: is a folder, expected a Darknet .cfg file") from None
-    except OSError as exc:
-        raise DarkpruneError(f"{path}: cannot read cfg: {exc.strerror}") from None
+    data = read_input_bytes(path, "cfg", "expected a Darknet .cfg file")
     if b"\0" in data[:4096]:
         raise DarkpruneError(f"{path}: binary data, expected a Darknet .cfg text file (weights given as cfg?)")
     try:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import DarkpruneError
+from ..util.textio import read_input_bytes
 from .graph import Graph, Layer
 
 
@@ -108,15 +109,7 @@ def read_weights(path: str | os.PathLike, graph: Graph, lenient: bool = False):
     """Returns (header, {layer index: {array name: float32 array}}). Layers a lenient partial file does not reach
     are absent from the dict."""
     path = str(path)
-    try:
-        with open(path, "rb") as fh:
-            data = fh.read()
-    except FileNotFoundError:
-        raise DarkpruneError(f"{path}: no such weights file") from None
-    except IsADirectoryError:
-        raise DarkpruneError(f"{path}: is a folder, expected a Darknet .weights file") from None
-    except OSError as exc:
-        raise DarkpruneError(f"{path}: cannot read weights: {exc.strerror}") from None
+    data = read_input_bytes(path, "weights", "expected a Darknet .weights file")
     header = read_header(path, data)
     body = data[header.nbytes:]
     stray = len(body) % 4          # a file cut inside a float: report where it ends, as for any truncation

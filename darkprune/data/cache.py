@@ -31,7 +31,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 from tqdm import tqdm
@@ -125,6 +125,19 @@ def cached_inputs(images, width: int, height: int, channels: int = 3, mode: str 
     paths = _image_paths(images)
     if not paths:
         raise DarkpruneError("no images to cache")
+
+    def fill(chunk: list[str], out: np.ndarray) -> np.ndarray:
+        return preprocess_batch(chunk, width, height, mode, channels, threads=threads, out=out)[1]
+
+    return cached_entry(paths, width, height, channels, mode, fill, cache_dir, batch_size, progress)
+
+
+def cached_entry(paths: Sequence[str], width: int, height: int, channels: int, mode: str,
+                 fill: Callable[[list[str], np.ndarray], np.ndarray], cache_dir: str | os.PathLike | None = None,
+                 batch_size: int = 32, progress: bool = True) -> CachedInputs:
+    """The cache entry of ``paths`` under the name ``mode`` (any preprocessing: the key covers paths, sizes, mtimes
+    and settings), built first if needed: ``fill(chunk_paths, out)`` writes a chunk's inputs into ``out``
+    ((len(chunk), channels, height, width) float32) and returns their original (width, height) sizes."""
     root = cache_root(cache_dir)
     try:
         root.mkdir(parents=True, exist_ok=True)
@@ -147,8 +160,7 @@ def cached_inputs(images, width: int, height: int, channels: int = 3, mode: str 
         with _progress(len(paths), progress, "preprocessing") as bar:
             for start in range(0, len(paths), batch_size):
                 stop = min(start + batch_size, len(paths))
-                _, sizes[start:stop] = preprocess_batch(paths[start:stop], width, height, mode, channels,
-                                                        threads=threads, out=array[start:stop])
+                sizes[start:stop] = fill(list(paths[start:stop]), array[start:stop])
                 bar.update(stop - start)
         array.flush()
         del array

@@ -42,6 +42,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from darkprune.errors import DarkpruneError
+from darkprune.util.textio import read_input_bytes
 
 __all__ = [
     "DataWarning",
@@ -68,21 +69,22 @@ class DataWarning(UserWarning):
 class _WarningBudget:
     """Emits at most ``limit`` row-level warnings, counting the rest for one closing summary."""
 
-    def __init__(self, limit: int = MAX_ROW_WARNINGS):
+    def __init__(self, limit: int = MAX_ROW_WARNINGS, stacklevel: int = 3):
         self.limit = limit
+        self.stacklevel = stacklevel  # 3: the warning names the caller of the function that holds the budget
         self.emitted = 0
         self.suppressed = 0
 
     def warn(self, message: str) -> None:
         if self.emitted < self.limit:
-            warnings.warn(message, DataWarning, stacklevel=3)
+            warnings.warn(message, DataWarning, stacklevel=self.stacklevel)
             self.emitted += 1
         else:
             self.suppressed += 1
 
     def finish(self, what: str) -> None:
         if self.suppressed:
-            warnings.warn(f"{self.suppressed} more {what} not shown", DataWarning, stacklevel=3)
+            warnings.warn(f"{self.suppressed} more {what} not shown", DataWarning, stacklevel=self.stacklevel)
 
 
 @dataclass
@@ -142,14 +144,7 @@ class Dataset:
 
 def _read_text_lines(path: Path) -> list[str]:
     """The file's lines without line endings; UTF-8 (BOM tolerated), falling back to Latin-1 for odd bytes."""
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise DarkpruneError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise DarkpruneError(f"{path}: is a folder, not a file") from None
-    except OSError as exc:
-        raise DarkpruneError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    raw = read_input_bytes(path)
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError:
@@ -408,21 +403,42 @@ def load_data(data_path: str | os.PathLike, split: str = "valid", limit: int | N
         raise DarkpruneError(f"{data_path}: no such file")
     options = read_data_config(data_path)
     data_dir = _absolute(data_path).parent
-
-    list_key = split
-    if list_key not in options:
-        if split == "valid" and "train" in options:
-            warnings.warn(f"{data_path}: no 'valid' key, evaluating on the 'train' list", DataWarning, stacklevel=2)
-            list_key = "train"
-        else:
-            raise DarkpruneError(f"{data_path}: no '{split}' key naming an image list")
-    list_path = _config_path(options, list_key, data_path)
+    list_path = _config_path(options, _list_key(options, split, data_path), data_path)
 
     if kind is None:
         kind = "classification" if "labels" in options else "detection"
     if kind not in ("detection", "classification"):
         raise DarkpruneError(f"kind must be 'detection' or 'classification', not {kind!r}")
+    names, classes, label_names = _class_names(options, kind, data_path)
 
+    image_paths, entries, _ = _read_image_list(list_path, bases=[data_dir], limit=limit)
+    top = _parse_int(options.get("top", "5"), 5)
+    if kind == "classification":
+        labels = _classification_labels(image_paths, entries, label_names, list_path)
+        return Dataset(image_paths=image_paths, kind=kind, names=names, classes=classes, labels=labels,
+                       source=str(data_path), split=split, top=top, config=options)
+    boxes, label_paths, missing, bad_rows = _detection_labels(image_paths, classes, list_path)
+    return Dataset(image_paths=image_paths, kind=kind, names=names, classes=classes, boxes=boxes,
+                   source=str(data_path), split=split, label_paths=label_paths, missing_labels=missing,
+                   bad_rows=bad_rows, top=top, config=options)
+
+
+# The helpers below warn with stacklevel=3 (their budgets with 4): the warnings point where they did when this code
+# was inline in load_data.
+
+def _list_key(options: dict[str, str], split: str, data_path: Path) -> str:
+    """The .data key naming the split's image list ("valid" falls back to "train", as in Darknet)."""
+    if split in options:
+        return split
+    if split == "valid" and "train" in options:
+        warnings.warn(f"{data_path}: no 'valid' key, evaluating on the 'train' list", DataWarning, stacklevel=3)
+        return "train"
+    raise DarkpruneError(f"{data_path}: no '{split}' key naming an image list")
+
+
+def _class_names(options: dict[str, str], kind: str,
+                 data_path: Path) -> tuple[list[str], int, list[str] | None]:
+    """(names, classes, label names of a classification set or None) from the names/labels/classes keys."""
     classes = _parse_classes(options, data_path)
     label_names: list[str] | None = None
     if kind == "classification":
@@ -440,39 +456,42 @@ def load_data(data_path: str | os.PathLike, split: str = "valid", limit: int | N
     if classes is None:
         classes = len(label_names) if label_names is not None else len(names)
     if len(names) != classes:
-        warnings.warn(f"{data_path}: classes={classes} but {len(names)} names", DataWarning, stacklevel=2)
+        warnings.warn(f"{data_path}: classes={classes} but {len(names)} names", DataWarning, stacklevel=3)
         names = (names + [str(i) for i in range(len(names), classes)])[:classes]
+    return names, classes, label_names
 
-    image_paths, entries, _ = _read_image_list(list_path, bases=[data_dir], limit=limit)
-    top = _parse_int(options.get("top", "5"), 5)
 
-    if kind == "classification":
-        assert label_names is not None
-        labels = np.empty(len(image_paths), np.int64)
-        budget = _WarningBudget()
-        unlabelled = 0
-        for i, (path, entry) in enumerate(zip(image_paths, entries)):
-            # Darknet matches the path as the list gives it (not our absolute path, with more folder names in it).
-            index, matches = classification_label(entry, label_names)
-            labels[i] = index
-            if index < 0:
-                unlabelled += 1
-                budget.warn(f"{path}: no label name from the labels file occurs in the path")
-            elif len(matches) > 1:
-                budget.warn(f"{path}: several label names occur in the path "
-                            f"({', '.join(label_names[m] for m in matches)}); using {label_names[index]}")
-        budget.finish("label warnings")
-        if unlabelled:
-            warnings.warn(f"{list_path}: {unlabelled} of {len(image_paths)} images have no label", DataWarning,
-                          stacklevel=2)
-        return Dataset(image_paths=image_paths, kind=kind, names=names, classes=classes, labels=labels,
-                       source=str(data_path), split=split, top=top, config=options)
+def _classification_labels(image_paths: list[str], entries: list[str], label_names: list[str],
+                           list_path: Path) -> np.ndarray:
+    """Each image's class index (-1 when no label name occurs in its path), warning about unlabelled/ambiguous."""
+    labels = np.empty(len(image_paths), np.int64)
+    budget = _WarningBudget(stacklevel=4)
+    unlabelled = 0
+    for i, (path, entry) in enumerate(zip(image_paths, entries)):
+        # Darknet matches the path as the list gives it (not our absolute path, with more folder names in it).
+        index, matches = classification_label(entry, label_names)
+        labels[i] = index
+        if index < 0:
+            unlabelled += 1
+            budget.warn(f"{path}: no label name from the labels file occurs in the path")
+        elif len(matches) > 1:
+            budget.warn(f"{path}: several label names occur in the path "
+                        f"({', '.join(label_names[m] for m in matches)}); using {label_names[index]}")
+    budget.finish("label warnings")
+    if unlabelled:
+        warnings.warn(f"{list_path}: {unlabelled} of {len(image_paths)} images have no label", DataWarning,
+                      stacklevel=3)
+    return labels
 
+
+def _detection_labels(image_paths: list[str], classes: int,
+                      list_path: Path) -> tuple[list[np.ndarray], list[str | None], int, int]:
+    """(boxes per image, label file per image or None, images without a label file, bad label rows)."""
     boxes: list[np.ndarray] = []
     label_paths: list[str | None] = []
     missing = 0
     bad_rows = 0
-    budget = _WarningBudget()
+    budget = _WarningBudget(stacklevel=4)
     for path in image_paths:
         label_file = find_label_file(path)
         label_paths.append(label_file)
@@ -486,10 +505,8 @@ def load_data(data_path: str | os.PathLike, split: str = "valid", limit: int | N
     budget.finish("bad label rows")
     if missing:
         warnings.warn(f"{list_path}: {missing} of {len(image_paths)} images have no label file "
-                      f"(counted as images without objects)", DataWarning, stacklevel=2)
-    return Dataset(image_paths=image_paths, kind=kind, names=names, classes=classes, boxes=boxes,
-                   source=str(data_path), split=split, label_paths=label_paths, missing_labels=missing,
-                   bad_rows=bad_rows, top=top, config=options)
+                      f"(counted as images without objects)", DataWarning, stacklevel=3)
+    return boxes, label_paths, missing, bad_rows
 
 
 def _parse_int(text: str, default: int) -> int:

@@ -30,6 +30,7 @@ import numpy as np
 from numba import njit
 
 from darkprune.errors import DarkpruneError
+from darkprune.util.textio import read_input_bytes
 
 __all__ = [
     "RESIZE_MODES",
@@ -61,14 +62,8 @@ def load_image(path: str | os.PathLike, channels: int = 3) -> np.ndarray:
     """Decode an image file to uint8: (H, W, 3) BGR for ``channels=3``, (H, W) for ``channels=1``."""
     if channels not in (1, 3):
         raise DarkpruneError(f"{path}: channels must be 1 or 3, not {channels}")
-    try:
-        raw = np.fromfile(path, dtype=np.uint8)  # works for non-ASCII paths, unlike cv2.imread on some systems
-    except FileNotFoundError:
-        raise DarkpruneError(f"{path}: no such image file") from None
-    except IsADirectoryError:
-        raise DarkpruneError(f"{path}: is a folder, not an image") from None
-    except OSError as exc:
-        raise DarkpruneError(f"{path}: cannot read image: {exc.strerror or exc}") from None
+    # read in Python, not by cv2.imread: works for non-ASCII paths on every system
+    raw = np.frombuffer(read_input_bytes(path, "image", "not an image"), dtype=np.uint8)
     image = None
     if raw.size:
         try:

@@ -386,15 +386,30 @@ def _grad_flat(x, y, g, out, code):
 # normalize_channels family: per (image, position), across the C channels of axis 1.
 
 
+@njit(cache=True, inline="always")
+def channel_argmax(x, b, s):
+    """The first channel c with the largest x[b, c, s] (x viewed as (N, C, S))."""
+    arg = 0
+    for c in range(1, x.shape[1]):
+        if x[b, c, s] > x[b, arg, s]:
+            arg = c
+    return arg
+
+
+@njit(cache=True, inline="always")
+def _chunk_bounds(job, nchunks, ns):
+    """(image, first position, past the last position) of one job: positions go in chunks of 256 per image."""
+    s0 = (job % nchunks) * 256
+    return job // nchunks, s0, min(s0 + 256, ns)
+
+
 @njit(cache=True, parallel=True, nogil=True)
 def _norm_chan_forward(x, code):
     """x viewed as (N, C, S); in place."""
     nb, nc, ns = x.shape
     nchunks = (ns + 255) // 256
     for job in prange(nb * nchunks):
-        b = job // nchunks
-        s0 = (job % nchunks) * 256
-        s1 = min(s0 + 256, ns)
+        b, s0, s1 = _chunk_bounds(job, nchunks, ns)
         for s in range(s0, s1):
             if code == NORM_CHAN:
                 total = NORM_CHAN_EPS
@@ -408,10 +423,7 @@ def _norm_chan_forward(x, code):
             else:
                 m = 0.0
                 if code == NORM_CHAN_SOFTMAX_MAXVAL:
-                    m = x[b, 0, s]
-                    for c in range(1, nc):
-                        if x[b, c, s] > m:
-                            m = x[b, c, s]
+                    m = x[b, channel_argmax(x, b, s), s]
                 total = NORM_CHAN_EPS
                 for c in range(nc):
                     total += math.exp(x[b, c, s] - m)
@@ -425,9 +437,7 @@ def _norm_chan_backward(x, y, g, out, code):
     nb, nc, ns = x.shape
     nchunks = (ns + 255) // 256
     for job in prange(nb * nchunks):
-        b = job // nchunks
-        s0 = (job % nchunks) * 256
-        s1 = min(s0 + 256, ns)
+        b, s0, s1 = _chunk_bounds(job, nchunks, ns)
         for s in range(s0, s1):
             # sum_k g_k y_k is shared by every channel's gradient
             gy = 0.0
@@ -450,24 +460,29 @@ def _norm_chan_backward(x, y, g, out, code):
                     out[b, c, s] = y[b, c, s] * (g[b, c, s] - gy)
                 if code == NORM_CHAN_SOFTMAX_MAXVAL:
                     # m = max_k x_k; eps breaks shift invariance, so m carries a (tiny) gradient to the argmax
-                    m = x[b, 0, s]
-                    arg = 0
-                    for c in range(1, nc):
-                        if x[b, c, s] > m:
-                            m = x[b, c, s]
-                            arg = c
+                    arg = channel_argmax(x, b, s)
+                    m = x[b, arg, s]
                     total = NORM_CHAN_EPS
                     for c in range(nc):
                         total += math.exp(x[b, c, s] - m)
                     out[b, arg, s] += -gy * NORM_CHAN_EPS / total
 
 
-def _as_channel_view(a: np.ndarray) -> np.ndarray:
+def channel_view(a: np.ndarray) -> np.ndarray | None:
+    """a viewed as (N, C, S): S = H*W for (N, C, H, W), 1 for (N, C); None for any other rank."""
     if a.ndim == 4:
         return a.reshape(a.shape[0], a.shape[1], a.shape[2] * a.shape[3])
     if a.ndim == 2:
         return a.reshape(a.shape[0], a.shape[1], 1)
-    raise DarkpruneError(f"normalize_channels activations need an (N, C, H, W) or (N, C) array, got shape {a.shape}")
+    return None
+
+
+def _as_channel_view(a: np.ndarray) -> np.ndarray:
+    view = channel_view(a)
+    if view is None:
+        raise DarkpruneError(f"normalize_channels activations need an (N, C, H, W) or (N, C) array, got shape "
+                             f"{a.shape}")
+    return view
 
 
 def _check(a: np.ndarray, what: str) -> None:

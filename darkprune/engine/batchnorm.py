@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 from numba import njit, prange
 
+from darkprune.engine.activations import channel_view
 from darkprune.engine.blas import limit_threads, threads_for
 
 DARKNET_EPS = 1e-5
@@ -41,11 +42,10 @@ class BatchNormCache:
 
 
 def _view3(a: np.ndarray) -> np.ndarray:
-    if a.ndim == 4:
-        return a.reshape(a.shape[0], a.shape[1], a.shape[2] * a.shape[3])
-    if a.ndim == 2:
-        return a.reshape(a.shape[0], a.shape[1], 1)
-    raise ValueError(f"batch norm needs an (N, C, H, W) or (N, C) array, got shape {a.shape}")
+    view = channel_view(a)
+    if view is None:
+        raise ValueError(f"batch norm needs an (N, C, H, W) or (N, C) array, got shape {a.shape}")
+    return view
 
 
 def _check(a: np.ndarray, what: str) -> np.ndarray:

@@ -371,15 +371,20 @@ def region_detections(output: np.ndarray, params: HeadParams | Mapping[str, Any]
 
 
 @njit(cache=True, inline="always")
+def _spans(a_centre, a_size, b_centre, b_size):
+    """(overlap, hull) lengths of two segments given by centre and size along one axis, in float32 as box.c
+    computes them (the overlap is negative when they are apart)."""
+    two = np.float32(2.0)
+    a_lo, a_hi = a_centre - a_size / two, a_centre + a_size / two
+    b_lo, b_hi = b_centre - b_size / two, b_centre + b_size / two
+    return min(a_hi, b_hi) - max(a_lo, b_lo), max(a_hi, b_hi) - min(a_lo, b_lo)
+
+
+@njit(cache=True, inline="always")
 def box_iou(ax, ay, aw, ah, bx, by, bw, bh):
     """box.c's box_iou of two (cx, cy, w, h) boxes, in float32 (also the mAP's matching IoU)."""
-    two = np.float32(2.0)
-    left = max(ax - aw / two, bx - bw / two)
-    right = min(ax + aw / two, bx + bw / two)
-    top = max(ay - ah / two, by - bh / two)
-    bottom = min(ay + ah / two, by + bh / two)
-    w = right - left
-    h = bottom - top
+    w = _spans(ax, aw, bx, bw)[0]
+    h = _spans(ay, ah, by, bh)[0]
     if w < 0 or h < 0:
         return np.float32(0.0)
     inter = w * h
@@ -392,13 +397,8 @@ def box_iou(ax, ay, aw, ah, bx, by, bw, bh):
 @njit(cache=True, inline="always")
 def _box_diou(ax, ay, aw, ah, bx, by, bw, bh, exponent):
     """IoU minus (centre distance^2 / enclosing diagonal^2)^exponent (box_diou: 0.6; box_diounms: beta_nms)."""
-    two = np.float32(2.0)
-    top = min(ay - ah / two, by - bh / two)
-    bottom = max(ay + ah / two, by + bh / two)
-    left = min(ax - aw / two, bx - bw / two)
-    right = max(ax + aw / two, bx + bw / two)
-    w = right - left
-    h = bottom - top
+    w = _spans(ax, aw, bx, bw)[1]
+    h = _spans(ay, ah, by, bh)[1]
     c = w * w + h * h
     iou = box_iou(ax, ay, aw, ah, bx, by, bw, bh)
     if c == 0:

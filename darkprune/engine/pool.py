@@ -278,17 +278,24 @@ def _index_array(x, shape, wanted, dummy_shape):
     return np.empty(shape if wanted else dummy_shape, np.int32)
 
 
+def _window_output_shape(x: np.ndarray, size: int, stride_x: int, stride_y: int, padding: int,
+                         name: str) -> tuple[int, int, int, int]:
+    """(N, C, out_h, out_w) of a windowed pool over x, after checking x and the window (errors name the layer)."""
+    _check_input(x, name)
+    if size < 1 or stride_x < 1 or stride_y < 1 or padding < 0:
+        raise ValueError(f"{name}: bad size={size} stride_x={stride_x} stride_y={stride_y} padding={padding}")
+    n, c, h, w = x.shape
+    out_h, out_w = pool_output_hw(h, w, size, stride_x, stride_y, padding)
+    if out_h < 1 or out_w < 1:
+        raise ValueError(f"{name}: a {w}x{h} input is too small for size={size}, padding={padding}")
+    return n, c, out_h, out_w
+
+
 def maxpool_forward(x: np.ndarray, size: int, stride_x: int, stride_y: int, padding: int,
                     return_indices: bool = False, out: np.ndarray | None = None):
     """Darknet [maxpool] (not maxpool_depth). x: (N, C, H, W). Returns out (N, C, out_h, out_w), or (out, indices)
     with return_indices: int32 flat indices into x of each output's maximum (-1 if none), for maxpool_backward."""
-    _check_input(x, "maxpool")
-    if size < 1 or stride_x < 1 or stride_y < 1 or padding < 0:
-        raise ValueError(f"maxpool: bad size={size} stride_x={stride_x} stride_y={stride_y} padding={padding}")
-    n, c, h, w = x.shape
-    out_h, out_w = pool_output_hw(h, w, size, stride_x, stride_y, padding)
-    if out_h < 1 or out_w < 1:
-        raise ValueError(f"maxpool: a {w}x{h} input is too small for size={size}, padding={padding}")
+    n, c, out_h, out_w = _window_output_shape(x, size, stride_x, stride_y, padding, "maxpool")
     out = _output(out, (n, c, out_h, out_w), x.dtype, "maxpool")
     idx = _index_array(x, out.shape, return_indices, (1, 1, 1, 1))
     parallel = out.size * size * size >= PARALLEL_MIN_WORK
@@ -429,14 +436,8 @@ def local_avgpool_forward(x: np.ndarray, size: int, stride_x: int, stride_y: int
                           out: np.ndarray | None = None) -> np.ndarray:
     """Darknet [local_avgpool]: windowed average with maxpool's geometry; each output divides by the number of
     in-image cells in its window."""
-    _check_input(x, "local_avgpool")
-    if size < 1 or stride_x < 1 or stride_y < 1 or padding < 0:
-        raise ValueError(f"local_avgpool: bad size={size} stride_x={stride_x} stride_y={stride_y} padding={padding}")
-    n, c, h, w = x.shape
-    out_h, out_w = pool_output_hw(h, w, size, stride_x, stride_y, padding)
-    if out_h < 1 or out_w < 1:
-        raise ValueError(f"local_avgpool: a {w}x{h} input is too small for size={size}, padding={padding}")
-    out = _output(out, (n, c, out_h, out_w), x.dtype, "local_avgpool")
+    shape = _window_output_shape(x, size, stride_x, stride_y, padding, "local_avgpool")
+    out = _output(out, shape, x.dtype, "local_avgpool")
     kernel = _local_avgpool_parallel if out.size * size * size >= PARALLEL_MIN_WORK else _local_avgpool_serial
     kernel(x, out, size, stride_x, stride_y, padding, x.dtype.type(0))
     return out

@@ -5,27 +5,11 @@ feature map being scaled, which also gives the output's shape:
 - default: x_prev is (N, C, 1, 1), out[b, c, y, x] = x_prev[b, c] * x_from[b, c, y, x];
 - scale_wh=1: x_prev is (N, 1, H, W), out[b, c, y, x] = x_prev[b, 0, y, x] * x_from[b, c, y, x].
 The layer's activation is applied by the network runner, not here.
-Memory-bound, so the kernels run serially: on 2 cores a parallel region costs more than it saves here.
+The products are numpy broadcasts; the scales' gradients are serial kernels (memory-bound: on 2 cores a
+parallel region costs more than it saves here).
 """
 import numpy as np
 from numba import njit
-
-
-@njit(cache=True, nogil=True)
-def _scale_kernel(scales, x_from, scale_wh, out):
-    n, c, h, w = x_from.shape
-    for bc in range(n * c):
-        b = bc // c
-        k = bc % c
-        if scale_wh:
-            for y in range(h):
-                for xx in range(w):
-                    out[b, k, y, xx] = scales[b, 0, y, xx] * x_from[b, k, y, xx]
-        else:
-            s = scales[b, k, 0, 0]
-            for y in range(h):
-                for xx in range(w):
-                    out[b, k, y, xx] = s * x_from[b, k, y, xx]
 
 
 @njit(cache=True, nogil=True)
@@ -73,7 +57,7 @@ def scale_channels_forward(x_prev: np.ndarray, x_from: np.ndarray, scale_wh: boo
         out = np.empty(x_from.shape, x_from.dtype)
     elif out.shape != x_from.shape or out.dtype != x_from.dtype or not out.flags.c_contiguous:
         raise ValueError("scale_channels: out must be C-contiguous with x_from's shape and dtype")
-    _scale_kernel(np.ascontiguousarray(x_prev), np.ascontiguousarray(x_from), bool(scale_wh), out)
+    np.multiply(x_prev, x_from, out=out)  # x_prev's 1-sized axes broadcast: one product per element
     return out
 
 
@@ -88,5 +72,5 @@ def scale_channels_backward(grad_out: np.ndarray, x_prev: np.ndarray, x_from: np
     else:
         _grad_scales_channel(g, xf, grad_prev)
     grad_from = np.empty(x_from.shape, x_from.dtype)
-    _scale_kernel(np.ascontiguousarray(x_prev), g, bool(scale_wh), grad_from)
+    np.multiply(x_prev, g, out=grad_from)
     return grad_prev, grad_from

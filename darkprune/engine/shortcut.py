@@ -56,15 +56,6 @@ def _add_prefix(src, per_channel_w, plane, count, weighted, out):
 
 
 @njit(cache=True, nogil=True)
-def _add_plain(a, b_arr, out):
-    flat_a = a.reshape(-1)
-    flat_b = b_arr.reshape(-1)
-    flat_o = out.reshape(-1)
-    for i in range(flat_o.size):
-        flat_o[i] = flat_a[i] + flat_b[i]
-
-
-@njit(cache=True, nogil=True)
 def _weighted_prefix_dot(grad, src, plane, count, n_ch):
     # per channel c: sum over batch and the channel's cells (within the shared prefix) of grad * src
     acc = np.zeros(n_ch, np.float64)
@@ -137,7 +128,7 @@ def shortcut_forward(x_prev: np.ndarray, froms, weights: np.ndarray | None = Non
     n_batch, c, h, w = x_prev.shape
     plane = h * w
     if weights_type == "none" and len(froms) == 1 and froms[0].shape == x_prev.shape:
-        _add_plain(x_prev, np.ascontiguousarray(froms[0]), out)  # the common residual: one fused pass
+        np.add(x_prev, froms[0], out=out)  # the common residual: one pass
         return out
     out_flat = out.reshape(n_batch, -1)
     if weights_type == "none":

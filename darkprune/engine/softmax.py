@@ -10,6 +10,8 @@ Memory-bound, so the kernels run serially: on 2 cores a parallel region costs mo
 import numpy as np
 from numba import njit
 
+from darkprune.engine.activations import channel_argmax
+
 
 @njit(cache=True, nogil=True)
 def _softmax_rows(x, temp, zero, out):
@@ -36,10 +38,7 @@ def _softmax_channels(x, zero, out):
     for bp in range(n_batch * p):
         b = bp // p
         q = bp % p
-        largest = x[b, 0, q]
-        for k in range(1, c):
-            if x[b, k, q] > largest:
-                largest = x[b, k, q]
+        largest = x[b, channel_argmax(x, b, q), q]
         total = zero
         for k in range(c):
             e = np.exp(x[b, k, q] - largest)
