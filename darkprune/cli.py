@@ -12,7 +12,7 @@ import sys
 import warnings
 
 from . import __version__
-from .errors import DarkpruneError
+from .errors import DarkpruneError, SettingError
 from .jsonio import json_default
 
 COMMANDS: dict[str, "callable"] = {}
@@ -113,13 +113,21 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args) or 0
     except DarkpruneError as exc:
-        print(f"darkprune {args.command}: error: {exc}", file=sys.stderr)
+        print(f"darkprune {args.command}: error: {_with_flag(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"darkprune {args.command}: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:
         return 0
+
+
+def _with_flag(exc: DarkpruneError) -> str:
+    """A SettingError's message names its setting key first; on the command line that is the flag."""
+    text = str(exc)
+    if isinstance(exc, SettingError) and text.startswith(exc.setting):
+        return "--" + exc.setting.replace("_", "-") + text[len(exc.setting):]
+    return text
 
 
 from . import cli_run  # noqa: E402,F401  (registers `run` and `eval`)

@@ -20,7 +20,7 @@ from darkprune.prune import analysis
 from darkprune.prune.analysis import (Sensitivity, _zero_positions, _zeroed, analyze, divergence_layer,
                                       evaluation_outputs, masked_overrides, prunable_groups)
 from darkprune.prune.criteria import channel_scores, channels_to_prune
-from darkprune.prune.groups import grouping_for
+from darkprune.prune.groups import build_grouping
 from darkprune.prune.masks import apply_masks
 
 from conftest import BUNDLED_CFG, BUNDLED_DATA, BUNDLED_WEIGHTS, asset
@@ -122,7 +122,7 @@ def check_prefix_path(model, rng, max_groups=None, rates=(0.3, 0.7)) -> int:
     their first member."""
     graph = model.graph
     network = Network(model)
-    grouping = grouping_for(graph)
+    grouping = build_grouping(graph)
     outs = evaluation_outputs(network)
     c, h, w = graph.input_shape
     x = rng.random((2, c, h, w), dtype=np.float32)
@@ -156,7 +156,7 @@ def check_prefix_path(model, rng, max_groups=None, rates=(0.3, 0.7)) -> int:
 
 def test_prefix_path_is_exact_on_every_layer_kind():
     model = hand_model()
-    grouping = grouping_for(model.graph)
+    grouping = build_grouping(model.graph)
     groups = prunable_groups(model)
     starts = {tuple(g.members): divergence_layer(grouping, g)[0] for g in groups}
     # Worked out by hand. conv0, conv3 and the depthwise conv4 are one group (the shortcut adds conv4 to conv0's
@@ -219,7 +219,7 @@ def test_analysis_figures_are_evaluate_figures_of_the_masked_models(fastest, ima
     assert sorted(full_run.curves) == sorted(KEEP)
     assert full_run.baseline == evaluate(fastest, images, progress=False)["map50"]
     for gid in (0, 5, 31):
-        group = grouping_for(fastest.graph).group(gid)
+        group = build_grouping(fastest.graph).group(gid)
         for rate in RATES:
             chans = channels_to_prune(channel_scores(fastest, group), rate)
             masked = apply_masks(fastest, {gid: chans})
