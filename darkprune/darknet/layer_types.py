@@ -99,7 +99,7 @@ class LayerType:
 
 def weights_owner(layer: Layer) -> int:
     """The layer whose arrays this layer computes with: a conv with share_index uses another's."""
-    share = layer.attrs.get("share") if layer.type == "convolutional" else None
+    share = layer.attrs.get("share")
     return layer.index if share is None else share
 
 
