@@ -31,7 +31,13 @@ fixed. A fixed channel fixes every channel tied to it.
 A `Group` then collects the connected components that have the same make-up (the same producers, the same number of
 channels from each), so the usual group is "channel i of conv A, of conv B and of conv C, for i in 0..n-1". Its
 `parts` say which channel of which member each group channel is (a member appears twice when a route slices it in
-halves), and `consumers` which layers read the channels and at which of their input channels.
+halves), and `consumers` which layers read the channels and at which of their input channels. A group scores its
+channels (`scores`, the criteria), gives the masks that prune some of them (`masks`, `masked_arrays`) and the model
+without them (`sliced`).
+
+What each layer type does to channels (makes them, passes them on, ties its operands, keeps them all as a head, mixes
+them) is read from the layer-type table (darknet/layer_types.py), never from type names here. `build_grouping`
+returns a `Grouping`, which callers build once per graph and pass to masks, transform and the analysis.
 """
 from __future__ import annotations
 
