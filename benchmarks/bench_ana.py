@@ -41,7 +41,7 @@ def ideal_speedup(model, batch: int) -> float:
     import numpy as np
     from darkprune.engine.network import Network
     from darkprune.prune.analysis import divergence_layer, prunable_groups
-    from darkprune.prune.groups import grouping_for
+    from darkprune.prune.groups import build_grouping
     network = Network(model)
     c, h, w = model.input_shape
     x = np.random.default_rng(0).random((batch, c, h, w), dtype=np.float32)
@@ -56,7 +56,7 @@ def ideal_speedup(model, batch: int) -> float:
         acts[layer.index] = out
         times.append(best)
     total = sum(times)
-    grouping = grouping_for(model.graph)
+    grouping = build_grouping(model.graph)
     starts = [divergence_layer(grouping, g)[0] for g in prunable_groups(model)]
     return len(starts) * total / sum(sum(times[d:]) for d in starts)
 

@@ -16,12 +16,13 @@ from darkprune.cli import main
 from darkprune.darknet import Model, parse_cfg_text
 from darkprune.engine.network import Network
 from darkprune.evaluate import evaluate, load_dataset
-from darkprune.prune import analysis
-from darkprune.prune.analysis import (Sensitivity, _zero_positions, _zeroed, analyze, divergence_layer,
+from darkprune.prune import variants
+from darkprune.prune.analysis import (Sensitivity, _zero_positions, analyze, divergence_layer,
                                       evaluation_outputs, masked_overrides, prunable_groups)
 from darkprune.prune.criteria import channel_scores, channels_to_prune
-from darkprune.prune.groups import grouping_for
+from darkprune.prune.groups import build_grouping
 from darkprune.prune.masks import apply_masks
+from darkprune.prune.variants import zeroed
 
 from conftest import BUNDLED_CFG, BUNDLED_DATA, BUNDLED_WEIGHTS, asset, perturb_params
 from test_prune_workflow_exactness import _shrunk
@@ -122,7 +123,7 @@ def check_prefix_path(model, rng, max_groups=None, rates=(0.3, 0.7)) -> int:
     their first member."""
     graph = model.graph
     network = Network(model)
-    grouping = grouping_for(graph)
+    grouping = build_grouping(graph)
     outs = evaluation_outputs(network)
     c, h, w = graph.input_shape
     x = rng.random((2, c, h, w), dtype=np.float32)
@@ -144,7 +145,7 @@ def check_prefix_path(model, rng, max_groups=None, rates=(0.3, 0.7)) -> int:
             full = variant.forward(x, outputs=outs)
             reference = Network(apply_masks(model, {group.id: chans})).forward(x, outputs=outs)
             zero = _zero_positions(grouping, group, chans, need, zeroed)
-            cached = {i: (_zeroed(base[i], zero[i]) if i in zero else base[i]) for i in need}
+            cached = {i: (zeroed(base[i], zero[i]) if i in zero else base[i]) for i in need}
             later = [o for o in outs if o >= d]
             part = variant.forward(None, outputs=later, start=d, cached=cached) if later else {}
             part.update({o: cached[o] for o in outs if o < d})
@@ -156,7 +157,7 @@ def check_prefix_path(model, rng, max_groups=None, rates=(0.3, 0.7)) -> int:
 
 def test_prefix_path_is_exact_on_every_layer_kind():
     model = hand_model()
-    grouping = grouping_for(model.graph)
+    grouping = build_grouping(model.graph)
     groups = prunable_groups(model)
     starts = {tuple(g.members): divergence_layer(grouping, g)[0] for g in groups}
     # Worked out by hand. conv0, conv3 and the depthwise conv4 are one group (the shortcut adds conv4 to conv0's
@@ -219,7 +220,7 @@ def test_analysis_figures_are_evaluate_figures_of_the_masked_models(fastest, ima
     assert sorted(full_run.curves) == sorted(KEEP)
     assert full_run.baseline == evaluate(fastest, images, progress=False)["map50"]
     for gid in (0, 5, 31):
-        group = grouping_for(fastest.graph).group(gid)
+        group = build_grouping(fastest.graph).group(gid)
         for rate in RATES:
             chans = channels_to_prune(channel_scores(fastest, group), rate)
             masked = apply_masks(fastest, {gid: chans})
@@ -257,8 +258,8 @@ def test_killed_analysis_resumes_without_redoing_finished_groups(fastest, images
 
     measured, evaluated, resumed = [], [], []
     evaluate_module = sys.modules["darkprune.evaluate"]
-    real_measure, real_evaluate = analysis._Measure.submit, evaluate_module.evaluate
-    monkeypatch.setattr(analysis._Measure, "submit",
+    real_measure, real_evaluate = variants.Measure.submit, evaluate_module.evaluate
+    monkeypatch.setattr(variants.Measure, "submit",
                         lambda self, *a, **k: measured.append(1) or real_measure(self, *a, **k))
     monkeypatch.setattr(evaluate_module, "evaluate", lambda *a, **k: evaluated.append(1) or real_evaluate(*a, **k))
     sens = analyze(fastest, images, rates=RATES, exclude=exclude, out_path=out, progress=False,

@@ -107,7 +107,7 @@ def test_python_api_of_the_design(tmp_path):
     masked = dp.prune(model, plan)
     assert masked.graph.total_params == model.graph.total_params          # same shapes
     for gid, chans in masked.masks.pruned.items():
-        for part in dp.prune.groups.grouping_for(model.graph).group(gid).parts:
+        for part in dp.prune.groups.build_grouping(model.graph).group(gid).parts:
             assert not masked.params[part.layer]["weights"][part.channels[chans]].any()
     small = dp.transform(masked)
     small.save(tmp_path / "small.cfg", tmp_path / "small.weights")

@@ -10,7 +10,7 @@ import pytest
 from darkprune.darknet.cfg import parse_cfg_text
 from darkprune.darknet.model import Model
 from darkprune.errors import DarkpruneError
-from darkprune.prune.groups import grouping_for
+from darkprune.prune.groups import build_grouping
 from darkprune.prune.masks import Masks, apply_masks
 from darkprune.train.finetune import (checkpoint_paths, finetune, finetune_schedule, parameter_masks)
 
@@ -109,7 +109,7 @@ def params_equal(a: Model, b: Model) -> bool:
 
 
 def channel_masks(model: Model, share: float = 0.5) -> Masks:
-    grouping = grouping_for(model.graph)
+    grouping = build_grouping(model.graph)
     pruned = {g.id: np.arange(int(g.channels * share)) for g in grouping.groups if g.prunable and g.channels > 1}
     assert pruned, "the tiny model must have prunable groups"
     return Masks.for_model(model, pruned)

@@ -4,9 +4,11 @@ Defined once here; the engine, the trainer, the grouping and the workflow import
 """
 from __future__ import annotations
 
-# Every Darknet detection head type: layers whose outputs are boxes, not channels another layer reads. The grouping
-# treats them all as fixed (their channel count is set by anchors and classes, never pruned).
-HEAD_TYPES = frozenset({"yolo", "gaussian_yolo", "region", "detection"})
+from .layer_types import HEAD, LAYER_TYPES
+
+# Every Darknet detection head type: layers whose outputs are boxes, not channels another layer reads (the layer-type
+# table's HEAD entries). The grouping treats them all as fixed (their channel count is set by anchors and classes).
+HEAD_TYPES = frozenset(name for name, entry in LAYER_TYPES.items() if entry.channels == HEAD)
 # The heads darkprune decodes into boxes and trains (a loss and a backward): [yolo] (v3/v4) and [region] (v2).
 DECODED_HEAD_TYPES = ("yolo", "region")
 

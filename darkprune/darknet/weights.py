@@ -18,6 +18,7 @@ import numpy as np
 from ..errors import DarkpruneError
 from ..util.textio import read_input_bytes
 from .graph import Graph, Layer
+from .layer_types import layer_type
 
 
 @dataclass
@@ -50,39 +51,9 @@ class WeightsHeader:
 
 
 def layer_arrays(layer: Layer) -> list[tuple[str, tuple[int, ...]]]:
-    """The arrays a layer stores in .weights, in file order, with their shapes (empty for layers without any)."""
-    a = layer.attrs
-    if layer.type == "convolutional":
-        if a["share"] is not None:
-            return []
-        n, c = a["filters"], layer.in_shape[0]
-        out = [("biases", (n,))]
-        if a["batch_normalize"]:
-            out += [("scales", (n,)), ("rolling_mean", (n,)), ("rolling_variance", (n,))]
-        out.append(("weights", (n, c // a["groups"], a["size"], a["size"])))
-        return out
-    if layer.type == "connected":
-        n, k = a["output"], a["inputs"]
-        out = [("biases", (n,)), ("weights", (n, k))]
-        if a["batch_normalize"]:
-            out += [("scales", (n,)), ("rolling_mean", (n,)), ("rolling_variance", (n,))]
-        return out
-    if layer.type == "batchnorm":
-        c = layer.in_shape[0]
-        names = ["scales", "rolling_mean", "rolling_variance"]
-        if a["layout"] == "alexeyab":
-            names = ["biases"] + names
-        return [(name, (c,)) for name in names]
-    if layer.type == "shortcut" and a["nweights"]:
-        n = len(a["from_layers"]) + 1
-        shape = (n,) if a["weights_type"] == "per_feature" else (n, layer.out_shape[0])
-        return [("weights", shape)]
-    if layer.type == "local":
-        n, oh, ow = layer.out_shape
-        c = layer.in_shape[0]
-        size = a["size"]
-        return [("biases", (n * oh * ow,)), ("weights", (size * size * c * n * oh * ow,))]
-    return []
+    """The arrays a layer stores in .weights, in file order, with their shapes (empty for layers without any): its
+    entry in the layer-type table says which."""
+    return layer_type(layer).arrays(layer)
 
 
 def expected_floats(graph: Graph) -> int:

@@ -28,25 +28,24 @@ import os
 import sys
 import time
 import warnings
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
+from ..darknet.layer_types import PRODUCER, layer_type, role
 from ..darknet.model import Model
 from ..engine.network import Network
-from ..errors import DarkpruneError
+from ..errors import DarkpruneError, SettingError
 from ..util.jsonio import write_json
-from .criteria import CRITERIA, channel_scores, channels_to_prune
-from .groups import CROSS_CHANNEL_ACTIVATIONS, NONZERO_AT_ZERO, Group, Grouping, grouping_for
-from .masks import apply_masks, structure_fingerprint
+from .criteria import CRITERIA, channels_to_prune
+from .groups import CROSS_CHANNEL_ACTIVATIONS, NONZERO_AT_ZERO, Group, Grouping, build_grouping
+from .masks import structure_fingerprint
+from .variants import Measure, PrefixCache
 
 FORMAT = "darkprune-sensitivity"
 DEFAULT_RATES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
-# Above this many bytes of cached frontier activations we recompute from the input instead.
-FRONTIER_BUDGET_BYTES = 2 << 30
 
 
 @dataclass
@@ -69,6 +68,7 @@ class Sensitivity:
     data_digest: str = ""                                      # sha256 of the image list, files and labels
     exclude: list[str] = field(default_factory=list)
     model: Model | None = field(default=None, repr=False, compare=False)
+    grouping: Grouping | None = field(default=None, repr=False, compare=False)    # the model's channel groups
 
     # -- planning (see plan.py) ---------------------------------------------------------------------------------
     def plan(self, threshold: float | None = None, rate: float | None = None, divisible: int | None = None,
@@ -81,12 +81,12 @@ class Sensitivity:
         divisible = self.divisible if divisible is None else int(divisible)
         if exclude and self.model is None:
             raise DarkpruneError("excluding layers needs the model: Sensitivity.load(path, model)")
-        excluded = resolve_exclude(self.model, exclude) if exclude else set()
+        excluded = resolve_exclude(self.model, exclude, self.grouping) if exclude else set()
         if threshold is not None:
             return plan_by_threshold(self, threshold, divisible, excluded)
         if self.model is None:
             raise DarkpruneError("planning by rate needs the model: Sensitivity.load(path, model)")
-        return plan_by_rate(self.model, self, rate, divisible, excluded)
+        return plan_by_rate(self.model, self, rate, divisible, excluded, self.grouping)
 
     def loss(self, group: int, rate: float) -> float:
         """The measured metric loss of pruning `rate` of group `group` alone (negative: the metric went up)."""
@@ -131,7 +131,7 @@ class Sensitivity:
         write_json(path, self.to_json())
 
     @classmethod
-    def load(cls, path, model: Model | None = None) -> "Sensitivity":
+    def load(cls, path, model: Model | None = None, grouping: Grouping | None = None) -> "Sensitivity":
         path = Path(path)
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
@@ -143,21 +143,21 @@ class Sensitivity:
             raise DarkpruneError(f"{path}: corrupt sensitivity file ({exc})") from None
         sens = cls.from_json(data, str(path))
         if model is not None:
-            sens.bind(model, str(path))
+            sens.bind(model, str(path), grouping)
         return sens
 
-    def bind(self, model: Model, source: str = "sensitivity") -> None:
-        """Attach the model this analysis was made for; refuse another one."""
+    def bind(self, model: Model, source: str = "sensitivity", grouping: Grouping | None = None) -> None:
+        """Attach the model this analysis was made for (and its channel grouping); refuse another one."""
         if structure_fingerprint(model.graph) != self.fingerprint:
             raise DarkpruneError(f"{source}: this analysis was made for another model, not "
                                  f"{model.cfg_path or 'this model'}")
-        grouping = grouping_for(model.graph)
+        grouping = grouping if grouping is not None else build_grouping(model.graph)
         for gid, info in self.groups.items():
             if gid >= len(grouping.groups) or (info.get("channels") and
                                                grouping.groups[gid].channels != int(info["channels"])):
                 raise DarkpruneError(f"{source}: group {gid} does not match the channel groups of "
                                      f"{model.cfg_path or 'this model'} (made by another darkprune version?)")
-        self.model = model
+        self.model, self.grouping = model, grouping
 
     @property
     def complete(self) -> bool:
@@ -190,7 +190,7 @@ class Sensitivity:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-def resolve_exclude(model: Model, exclude) -> set[int]:
+def resolve_exclude(model: Model, exclude, grouping: Grouping | None = None) -> set[int]:
     """Layer names/indices the user protects -> the ids of the prunable groups holding their channels. An unknown
     name or an index out of range is refused, naming the cfg; a layer that is never pruned anyway (a head's conv, a
     maxpool: Vitis AI users list those in ignore_layer) gets a warning."""
@@ -199,7 +199,7 @@ def resolve_exclude(model: Model, exclude) -> set[int]:
     if isinstance(exclude, (str, int)):
         exclude = [exclude]
     graph = model.graph
-    grouping = grouping_for(graph)
+    grouping = grouping if grouping is not None else build_grouping(graph)
     by_layer: dict[int, set[int]] = {}
     for g in grouping.groups:
         for m in g.members:
@@ -210,17 +210,17 @@ def resolve_exclude(model: Model, exclude) -> set[int]:
         if not text:
             continue
         if text.lstrip("-").isdigit() and not 0 <= int(text) < len(graph):
-            raise DarkpruneError(f"--exclude {text}: {graph.cfg.path} has layers 0..{len(graph) - 1}")
+            raise SettingError("exclude", f"exclude {text}: {graph.cfg.path} has layers 0..{len(graph) - 1}")
         try:
             layer = graph.find(text)
         except DarkpruneError:
-            raise DarkpruneError(f"--exclude {text}: no layer named '{text}' in {graph.cfg.path} (names look like "
-                                 f"conv12 or connected3, or give the layer index; `darkprune info` lists them)") \
-                from None
+            raise SettingError("exclude", f"exclude {text}: no layer named '{text}' in {graph.cfg.path} (names look like "
+                                          f"conv12 or connected3, or give the layer index; `darkprune info` lists "
+                                          f"them)") from None
         groups = {g for g in by_layer.get(layer.index, ()) if grouping.groups[g].prunable}
         if not groups:
             why = next((grouping.groups[g].reason for g in by_layer.get(layer.index, ())), "")
-            warnings.warn(f"--exclude {text}: layer {layer.index} ({layer.name}, [{layer.section.header}]) of "
+            warnings.warn(f"exclude {text}: layer {layer.index} ({layer.name}, [{layer.section.header}]) of "
                           f"{graph.cfg.path} is never pruned anyway" + (f" ({why})" if why else ""))
         out |= groups
     return out
@@ -238,10 +238,10 @@ def evaluation_outputs(network: Network) -> list[int]:
     return heads or [classifier_output(network)]
 
 
-def prunable_groups(model: Model, exclude=()) -> list[Group]:
+def prunable_groups(model: Model, exclude=(), grouping: Grouping | None = None) -> list[Group]:
     """The groups an analysis visits, in network order (by first member)."""
-    grouping = grouping_for(model.graph)
-    excluded = resolve_exclude(model, exclude)
+    grouping = grouping if grouping is not None else build_grouping(model.graph)
+    excluded = resolve_exclude(model, exclude, grouping)
     groups = [g for g in grouping.groups if g.prunable and g.id not in excluded]
     return sorted(groups, key=lambda g: (min(g.members), g.id))
 
@@ -285,19 +285,16 @@ def data_digest(dataset) -> str:
 
 def affected_layers(group: Group) -> list[int]:
     """Layers whose parameters masking `group` may change: its members and the layers reading its channels."""
-    return sorted({p.layer for p in group.parts} | {c.layer for c in group.consumers})
+    return group.affected_layers()
 
 
-def masked_overrides(model: Model, group: Group, channels: np.ndarray) -> dict[int, dict[str, np.ndarray]]:
+def masked_overrides(model: Model, group: Group, channels: np.ndarray,
+                     grouping: Grouping | None = None) -> dict[int, dict[str, np.ndarray]]:
     """The parameters of the layers that masking `channels` of `group` changes, exactly as `apply_masks` changes
     them (members' filters, biases and batch-norm rows, standalone batch norms, per-channel shortcut weights and
     the input columns of every reader). Only those layers are copied."""
-    layers = affected_layers(group)
-    sub = Model(model.cfg, model.graph, {i: model.params[i] for i in layers if i in model.params}, model.header)
-    return apply_masks(sub, {group.id: channels}).params
-
-
-_SAFE_PASS_THROUGH = {"route", "dropout", "empty", "upsample", "avgpool"}
+    grouping = grouping if grouping is not None else build_grouping(model.graph)
+    return group.masked_arrays(model, channels, grouping)
 
 
 def divergence_layer(grouping: Grouping, group: Group) -> tuple[int, set[int]]:
@@ -314,20 +311,18 @@ def divergence_layer(grouping: Grouping, group: Group) -> tuple[int, set[int]]:
     start = min(members)
     for layer in graph.layers[start:]:
         i = layer.index
-        t, a = layer.type, layer.attrs
+        entry, a = layer_type(layer), layer.attrs
         ins_zeroed = [j for j in layer.inputs if j in zeroed]
         own_ids = space.ids[i]
         carries = bool((owner[own_ids] == gid).any())
-        if t in ("convolutional", "connected"):
+        if role(layer) == PRODUCER:
             reads = space.input_ids(layer) if layer.sources else np.zeros(0, np.int64)
             reads_group = bool(ins_zeroed) and bool((owner[reads] == gid).any())
             if reads_group:
-                if t != "convolutional" or a["groups"] <= 1 or not _blocks_follow_group(grouping, layer, reads,
-                                                                                        own_ids, gid):
+                if entry.blocks(layer) <= 1 or not _blocks_follow_group(grouping, layer, reads, own_ids, gid):
                     return i, zeroed
             if i in members or carries:
-                if NONZERO_AT_ZERO.get(a.get("activation"), 0.0) != 0.0 or \
-                        a.get("activation") in CROSS_CHANNEL_ACTIVATIONS:
+                if not _zero_at_zero(a.get("activation", "linear")):
                     return i, zeroed
                 zeroed.add(i)
             elif reads_group:
@@ -337,25 +332,25 @@ def divergence_layer(grouping: Grouping, group: Group) -> tuple[int, set[int]]:
             if carries:                     # group channels made by a member not yet reached: cannot happen
                 return i, zeroed
             continue
-        act = a.get("activation", "linear")
-        zero_at_zero = NONZERO_AT_ZERO.get(act, 0.0) == 0.0 and act not in CROSS_CHANNEL_ACTIVATIONS
-        if t in _SAFE_PASS_THROUGH:
+        zero_at_zero = _zero_at_zero(a.get("activation", "linear"))
+        # what the entry says about zeros: passed on always (route, upsample, a [batchnorm], whose pruned entries
+        # apply_masks clears: 0 -> 0), after an activation that is 0 at 0, or by a sum of tied operands
+        if entry.keeps_zero == "always" or (entry.keeps_zero == "activation" and zero_at_zero) or \
+                (entry.keeps_zero == "tied" and zero_at_zero and _all_operands_carry(space, layer, owner, gid)):
             zeroed.add(i)
-        elif t == "shortcut" and zero_at_zero and _all_operands_carry(space, layer, owner, gid):
-            zeroed.add(i)
-        elif t == "activation" and zero_at_zero:
-            zeroed.add(i)
-        elif t == "batchnorm":
-            zeroed.add(i)                   # apply_masks clears its pruned entries: 0 -> 0
         else:
             return i, zeroed
     return len(graph) - 1, zeroed
 
 
+def _zero_at_zero(act) -> bool:
+    return NONZERO_AT_ZERO.get(act, 0.0) == 0.0 and act not in CROSS_CHANNEL_ACTIVATIONS
+
+
 def _blocks_follow_group(grouping: Grouping, layer, reads: np.ndarray, own: np.ndarray, gid: int) -> bool:
     """A grouped conv reading the group's channels is safe when every block it reads a group channel in is one
     group channel as a whole (inputs and filters), so pruning that channel removes the whole block's filters."""
-    g = layer.attrs["groups"]
+    g = layer_type(layer).blocks(layer)
     cin, n = len(reads) // g, len(own) // g
     owner, chan = grouping.owner_group, grouping.owner_channel
     for k in range(g):
@@ -375,188 +370,6 @@ def _all_operands_carry(space, layer, owner: np.ndarray, gid: int) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-class _PrefixCache:
-    """Original activations of all evaluation images at the current divergence layer (its frontier), moved forward
-    group by group; filled by the first full forward pass (the baseline evaluation, or the first variant on
-    resume)."""
-
-    def __init__(self, network: Network, outputs: list[int], images: int, enabled: bool = True):
-        self.network = network
-        self.graph = network.graph
-        self.outputs = list(outputs)
-        self.images = images
-        self.enabled = enabled
-        self.position: int | None = None          # the divergence layer the state serves
-        self.state: dict[int, np.ndarray] = {}
-
-    def need(self, position: int) -> list[int]:
-        """What serving a run from `position` needs: the frontier, plus evaluated outputs made earlier."""
-        return sorted(set(self.network.frontier(position)) | {o for o in self.outputs if o < position})
-
-    def _bytes(self, layers: list[int]) -> int:
-        shape = self.graph.input_shape
-        per_image = sum(int(np.prod(self.graph[i].out_shape if i >= 0 else shape)) for i in layers)
-        return per_image * 4 * self.images
-
-    def fits(self, position: int) -> bool:
-        return self._bytes(self.need(position)) <= FRONTIER_BUDGET_BYTES
-
-    def advance(self, target: int, batch: int) -> None:
-        """Move the frontier forward to `target` (computing what is new from the current frontier)."""
-        if not self.enabled or self.position is None or target == self.position:
-            return
-        if target < self.position or not self.fits(target):
-            self.state, self.position = {}, None   # refilled by the next full pass (or kept off when too large)
-            self.enabled = self.fits(target)
-            return
-        need = self.need(target)
-        fresh = [i for i in need if i not in self.state]
-        computed: dict[int, list[np.ndarray]] = {i: [] for i in fresh}
-        if fresh:
-            for start in range(0, self.images, batch):
-                cached = {k: v[start:start + batch] for k, v in self.state.items()}
-                out = self.network.forward(None, outputs=fresh, start=self.position, cached=cached)
-                for i in fresh:
-                    computed[i].append(out[i])
-        self.state = {i: (np.concatenate(computed[i]) if i in computed else self.state[i]) for i in need}
-        self.position = target
-
-    def runner(self, variant: Network, position: int, zero: dict[int, np.ndarray]):
-        """A forward(x) for evaluate(): batches arrive in dataset order. Served from the frontier at `position`
-        (the pruned channels `zero[layer]` of the frontier layers set to 0), or, while the frontier is empty, run
-        from the input (the original network up to the frontier, kept for the next runs, then the variant)."""
-        served = {"next": 0}
-        filling = self.enabled and self.position is None and self.fits(position)
-        parts: dict[int, list[np.ndarray]] = {}
-        need = self.need(position)
-        outputs = self.outputs
-        later = [o for o in outputs if o >= position]
-
-        def forward(x: np.ndarray) -> dict:
-            lo = served["next"]
-            hi = lo + len(x)
-            served["next"] = hi
-            if filling:
-                layers = [i for i in need if i >= 0]
-                base = self.network.forward(x, outputs=layers) if layers else {}
-                base[-1] = x
-                for i in need:
-                    parts.setdefault(i, []).append(np.array(base[i], copy=True))
-                if hi >= self.images:
-                    self.state = {i: np.concatenate(parts[i]) for i in need}
-                    self.position = position
-                cached = {i: base[i] for i in need}
-            elif self.enabled and self.position == position:
-                cached = {i: self.state[i][lo:hi] for i in need}
-            else:
-                return variant.forward(x, outputs=outputs)
-            cached = {i: (_zeroed(v, zero[i]) if i in zero else v) for i, v in cached.items()}
-            result = variant.forward(None, outputs=later, start=position, cached=cached) if later else {}
-            result.update({o: cached[o] for o in outputs if o < position})
-            return result
-        return forward
-
-    def base_runner(self, position: int):
-        """forward(x) for the baseline evaluation, filling the frontier at `position` on the way."""
-        served = {"next": 0}
-        filling = self.enabled and self.fits(position)
-        need = self.need(position)
-        parts: dict[int, list[np.ndarray]] = {}
-
-        def forward(x: np.ndarray) -> dict:
-            hi = served["next"] + len(x)
-            served["next"] = hi
-            if not filling:
-                return self.network.forward(x, outputs=self.outputs)
-            out = self.network.forward(x, outputs=self.outputs, keep=[i for i in need if i >= 0])
-            out[-1] = x
-            for i in need:
-                parts.setdefault(i, []).append(np.array(out[i], copy=True))
-            if hi >= self.images:
-                self.state = {i: np.concatenate(parts[i]) for i in need}
-                self.position = position
-            return out
-        return forward
-
-
-class _Measure:
-    """The analysis' metric of one variant: evaluate()'s number, computed with less around it for detectors.
-
-    evaluate() also computes mAP@0.5:0.95 (ten IoU thresholds) and per-class tables the analysis does not use; for
-    detectors we run the same steps (the same cached inputs, decode_image at `detector map`'s threshold and NMS, the
-    same DetectionEvaluator) with only the IoU threshold 0.5. The tests check that the figure equals evaluate()'s.
-    Classifiers go through evaluate() itself.
-
-    Decoding and scoring run on a second thread, one batch behind the network: the kernels release the GIL, and the
-    small late layers a prefix-cached run consists of mostly leave a core idle. `submit` returns a Future of the
-    metric as soon as the variant's last batch has gone through the network, so the last batch of one variant is
-    scored while the first batch of the next one runs."""
-
-    def __init__(self, network: Network, dataset, metric: str, batch: int, cache_dir):
-        from ..detect import detection_heads
-        self.dataset, self.metric, self.batch, self.cache_dir = dataset, metric, batch, cache_dir
-        self.heads = detection_heads(network.graph)
-        net = network.graph.net
-        self.width, self.height, self.channels = int(net["width"]), int(net["height"]), int(net["channels"])
-        self.letterbox = bool(net.get("letter_box", 0))
-        self.lean = bool(self.heads) and dataset.kind == "detection" and \
-            self.heads[-1][1].classes == dataset.classes
-        self.entry = None
-        self.scorer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="darkprune-score")
-        self.pending: Future | None = None        # the task last handed to the scorer
-        if self.lean:
-            from ..data import cached_inputs
-            # opened once: batches are handed on as views of the memory map, so a run served from the frontier
-            # never reads (or copies) an input image
-            self.entry = cached_inputs(dataset, self.width, self.height, self.channels,
-                                       "letterbox" if self.letterbox else "darknet", cache_dir, batch, False)
-
-    def close(self) -> None:
-        self.scorer.shutdown(wait=True)
-
-    def _hand_over(self, task, *args) -> Future:
-        """Queue `task` on the scorer once the task before it is done: at most one batch waits there, so memory
-        stays one batch of head outputs, and a failure surfaces at the next hand-over."""
-        if self.pending is not None:
-            self.pending.result()
-        self.pending = self.scorer.submit(task, *args)
-        return self.pending
-
-    def submit(self, network: Network, forward=None) -> Future:
-        """The variant's metric, as a Future (already resolved for classifiers)."""
-        from ..evaluate import MAP_NMS, MAP_THRESH, evaluate
-        if not self.lean:
-            result = Future()
-            result.set_result(float(evaluate(None, self.dataset, network=network, forward=forward, progress=False,
-                                             batch=self.batch, cache_dir=self.cache_dir)[self.metric]))
-            return result
-        from ..engine.decode import decode_image
-        from ..metrics import DetectionEvaluator
-        run = forward or network.forward
-        dataset = self.dataset
-        evaluator = DetectionEvaluator(dataset.classes, dataset.names, 0.5, 0.25, iou_thresholds=())
-
-        def score(start: int, stop: int, outputs: dict, sizes: np.ndarray) -> None:
-            for i in range(stop - start):
-                dets = decode_image([(outputs[index][i], params) for index, params in self.heads], self.width,
-                                    self.height, int(sizes[i][0]), int(sizes[i][1]), thresh=MAP_THRESH,
-                                    nms_thresh=MAP_NMS, letterbox=self.letterbox)
-                evaluator.add(dets, dataset.boxes[start + i])
-
-        # one task per batch, in order (the scorer has one thread), so the evaluator sees the images as evaluate()
-        # does; the metric is computed by one more task after them
-        for start, stop, inputs, sizes in self.entry.batches(self.batch):
-            self._hand_over(score, start, stop, run(inputs), sizes)
-        return self._hand_over(lambda: float(evaluator.result(0)["map50"]))
-
-
-def _zeroed(x: np.ndarray, channels: np.ndarray) -> np.ndarray:
-    out = np.array(x, copy=True)
-    out[:, channels] = 0.0
-    return out
-
-
-# ----------------------------------------------------------------------------------------------------------------
 def analyze(model: Model, data, rates=DEFAULT_RATES, criterion: str = "l1", limit: int | None = None,
             divisible: int = 1, exclude=(), shard: tuple[int, int] | None = None, out_path=None,
             resume: bool = True, batch: int = 16, prefix_cache: bool = True, progress: bool = True,
@@ -573,24 +386,12 @@ def analyze(model: Model, data, rates=DEFAULT_RATES, criterion: str = "l1", limi
     from ..evaluate import evaluate, load_dataset
     from ..util.progress import progress_enabled
 
-    rates = _check_rates(rates)
-    if criterion not in CRITERIA:
-        raise DarkpruneError(f"--criterion {criterion}: expected one of {', '.join(CRITERIA)}")
-    divisible = int(divisible)
-    if divisible < 1:
-        raise DarkpruneError(f"--divisible {divisible}: must be a whole number >= 1")
-    if shard is not None:
-        shard = (int(shard[0]), int(shard[1]))
-        if not 1 <= shard[0] <= shard[1]:
-            raise DarkpruneError(f"--shard {shard[0]}/{shard[1]}: expected I/N with 1 <= I <= N")
-    batch = int(batch)
-    if batch < 1:
-        raise DarkpruneError(f"--batch {batch}: must be >= 1")
+    rates, divisible, shard, batch = _check_settings(rates, criterion, divisible, shard, batch)
     dataset = load_dataset(data, limit)
     exclude = [str(e).strip() for e in ([exclude] if isinstance(exclude, (str, int)) else exclude or ())
                if str(e).strip()]
-    grouping = grouping_for(model.graph)
-    mine = shard_groups(prunable_groups(model, exclude), shard)
+    grouping = build_grouping(model.graph)
+    mine = shard_groups(prunable_groups(model, exclude, grouping), shard)
     fingerprint = structure_fingerprint(model.graph)
     digest_w, digest_d = weights_digest(model), data_digest(dataset)
     metric = metric_name(model)
@@ -599,21 +400,20 @@ def analyze(model: Model, data, rates=DEFAULT_RATES, criterion: str = "l1", limi
 
     sens = None
     if out_path is not None and resume and Path(out_path).exists():
-        sens = Sensitivity.load(out_path, model)
+        sens = Sensitivity.load(out_path, model, grouping)
         _check_resumable(sens, out_path, rates, criterion, len(dataset), divisible, shard, exclude, digest_w,
                          digest_d)
     todo = [g for g in mine if sens is None or not (g.id in sens.curves and len(sens.curves[g.id]) == len(rates))]
     if sens is not None and not todo:
-        sens.model = model
+        sens.model, sens.grouping = model, grouping
         if prepare is not None:
             prepare()
         return sens
 
     network = Network(model)
-    outputs = evaluation_outputs(network)
     positions = {g.id: divergence_layer(grouping, g) for g in todo}
     todo.sort(key=lambda g: (positions[g.id][0], g.id))
-    prefix = _PrefixCache(network, outputs, len(dataset), enabled=prefix_cache)
+    prefix = PrefixCache(network, evaluation_outputs(network), len(dataset), enabled=prefix_cache)
 
     if sens is None:
         first = positions[todo[0].id][0] if todo else 0
@@ -629,42 +429,82 @@ def analyze(model: Model, data, rates=DEFAULT_RATES, criterion: str = "l1", limi
             sens.save(out_path)
     elif prepare is not None:
         prepare()
-    sens.model = model
-    previous = sens.seconds
-    measure = _Measure(network, dataset, metric, batch, cache_dir)
+    sens.model, sens.grouping = model, grouping
+    run = _Run(model, grouping, network, prefix, positions, sens, out_path, callback, batch, prefix_cache,
+               sens.seconds)
+    measure = Measure(network, dataset, metric, batch, cache_dir)
     bar = tqdm(total=len(todo) * len(rates), desc="analysis", unit="eval", file=sys.stderr, disable=not show,
                dynamic_ncols=True)
     try:
         for group in todo:
-            position, zeroed_layers = positions[group.id]
-            scores = channel_scores(model, group, criterion)
-            if prefix_cache:
-                prefix.advance(position, batch)
-            futures = {}
-            for rate in rates:
-                chans = channels_to_prune(scores, rate, divisible)
-                variant = network.variant(masked_overrides(model, group, chans))
-                forward = None
-                if prefix_cache:
-                    zero = _zero_positions(grouping, group, chans, prefix.need(position), zeroed_layers)
-                    forward = prefix.runner(variant, position, zero)
-                futures[rate] = measure.submit(variant, forward)
-                bar.update(1)
-                _show_done(bar, group.id, futures, metric)
-            curve = {rate: future.result() for rate, future in futures.items()}
-            _show_done(bar, group.id, futures, metric)
-            sens.curves[group.id] = curve
-            sens.groups[group.id] = {"members": [model.graph[m].name for m in group.members],
-                                     "channels": int(group.channels)}
-            sens.seconds = previous + time.perf_counter() - started
-            if out_path is not None:
-                sens.save(out_path)
-            if callback is not None:
-                callback(group.id, dict(curve))
+            run.group(group, measure, bar, started)
     finally:
         bar.close()
         measure.close()
     return sens
+
+
+def _check_settings(rates, criterion, divisible, shard, batch):
+    """The analysis settings checked and normalised: (rates, divisible, shard, batch)."""
+    rates = _check_rates(rates)
+    if criterion not in CRITERIA:
+        raise SettingError("criterion", f"criterion {criterion}: expected one of {', '.join(CRITERIA)}")
+    divisible = int(divisible)
+    if divisible < 1:
+        raise SettingError("divisible", f"divisible {divisible}: must be a whole number >= 1")
+    if shard is not None:
+        shard = (int(shard[0]), int(shard[1]))
+        if not 1 <= shard[0] <= shard[1]:
+            raise SettingError("shard", f"shard {shard[0]}/{shard[1]}: expected I/N with 1 <= I <= N")
+    batch = int(batch)
+    if batch < 1:
+        raise SettingError("batch", f"batch {batch}: must be >= 1")
+    return rates, divisible, shard, batch
+
+
+@dataclass
+class _Run:
+    """One analysis run's state while it measures its groups: what `analyze` prepared, and where results go."""
+    model: Model
+    grouping: Grouping
+    network: Network
+    prefix: PrefixCache
+    positions: dict
+    sens: Sensitivity
+    out_path: object
+    callback: object
+    batch: int
+    prefix_cache: bool
+    previous_seconds: float           # the time spent by the run this one resumes
+
+    def group(self, group: Group, measure: Measure, bar, started: float) -> None:
+        """Measure every rate of one group (each variant scored while the next one runs), then save."""
+        sens = self.sens
+        position, zeroed_layers = self.positions[group.id]
+        scores = group.scores(self.model, sens.criterion)
+        if self.prefix_cache:
+            self.prefix.advance(position, self.batch)
+        futures = {}
+        for rate in sens.rates:
+            chans = channels_to_prune(scores, rate, sens.divisible)
+            variant = self.network.variant(group.masked_arrays(self.model, chans, self.grouping))
+            forward = None
+            if self.prefix_cache:
+                zero = _zero_positions(self.grouping, group, chans, self.prefix.need(position), zeroed_layers)
+                forward = self.prefix.runner(variant, position, zero)
+            futures[rate] = measure.submit(variant, forward)
+            bar.update(1)
+            _show_done(bar, group.id, futures, sens.metric)
+        curve = {rate: future.result() for rate, future in futures.items()}
+        _show_done(bar, group.id, futures, sens.metric)
+        sens.curves[group.id] = curve
+        sens.groups[group.id] = {"members": [self.model.graph[m].name for m in group.members],
+                                 "channels": int(group.channels)}
+        sens.seconds = self.previous_seconds + time.perf_counter() - started
+        if self.out_path is not None:
+            sens.save(self.out_path)
+        if self.callback is not None:
+            self.callback(group.id, dict(curve))
 
 
 def _show_done(bar, group_id: int, futures: dict, metric: str) -> None:
@@ -698,12 +538,12 @@ def _check_rates(rates) -> list[float]:
     try:
         values = sorted({float(r) for r in rates})
     except (TypeError, ValueError):
-        raise DarkpruneError(f"--rates {rates}: expected numbers like 0.1,0.2,0.5") from None
+        raise SettingError("rates", f"rates {rates}: expected numbers like 0.1,0.2,0.5") from None
     bad = [r for r in values if not (0.0 < r < 1.0) or math.isnan(r)]
     if not values or bad:
         shown = ",".join(f"{r:g}" for r in (bad or values)) or "(none)"
-        raise DarkpruneError(f"--rates {shown}: rates must lie strictly between 0 and 1 (a rate of 1 would empty a "
-                             f"layer, 0 prunes nothing)")
+        raise SettingError("rates", f"rates {shown}: rates must lie strictly between 0 and 1 (a rate of 1 would "
+                                    f"empty a layer, 0 prunes nothing)")
     return values
 
 
@@ -726,13 +566,13 @@ def _check_resumable(sens: Sensitivity, path, rates, criterion, images, divisibl
 def merge_shards(paths: list, model: Model, out_path=None) -> Sensitivity:
     """Join the shard files of one analysis into the file an unsharded run writes."""
     if not paths:
-        raise DarkpruneError("no shard files (sensitivity.shard-I-of-N.json) to merge: run `darkprune ana --shard "
-                             "I/N` first")
+        raise DarkpruneError("no shard files (sensitivity.shard-I-of-N.json) to merge: analyse each shard I/N "
+                             "first")
     shards = [Sensitivity.load(p, model) for p in paths]
     first = shards[0]
     for s, p in zip(shards, paths):
         if not s.shard:
-            raise DarkpruneError(f"{p}: not a shard file (made without --shard)")
+            raise DarkpruneError(f"{p}: not a shard file (made without a shard setting)")
     count = first.shard[1]
     seen = sorted(s.shard[0] for s in shards)
     if any(s.shard[1] != count for s in shards) or seen != list(range(1, count + 1)):

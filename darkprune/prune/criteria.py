@@ -12,38 +12,21 @@ import math
 import numpy as np
 
 from ..darknet.model import Model
-from ..errors import DarkpruneError
-from .groups import Group, grouping_for
-
-CRITERIA = ("l1", "bn")
+from ..errors import SettingError
+from .groups import CRITERIA, Group, Grouping, build_grouping
 
 
-def _member_scores(arrays: dict, channels: np.ndarray, criterion: str) -> np.ndarray:
-    if criterion == "bn" and "scales" in arrays:
-        return np.abs(arrays["scales"][channels].astype(np.float64))
-    w = arrays["weights"][channels].astype(np.float64)
-    return np.abs(w).reshape(len(channels), -1).sum(axis=1)
+def channel_scores(model: Model, group: Group, criterion: str = "l1") -> np.ndarray:
+    """Importance of each of the group's channels (float64, length group.channels); low = pruned first. The group
+    scores itself (Group.scores); this is the functional spelling."""
+    return group.scores(model, criterion)
 
 
-def channel_scores(model: Model, group: Group | int, criterion: str = "l1") -> np.ndarray:
-    """Importance of each of the group's channels (float64, length group.channels); low = pruned first."""
-    if criterion not in CRITERIA:
-        raise DarkpruneError(f"unknown pruning criterion '{criterion}' (expected one of: {', '.join(CRITERIA)})")
-    if not isinstance(group, Group):
-        group = grouping_for(model.graph).group(int(group))
-    scores = np.zeros(group.channels, dtype=np.float64)
-    for part in group.parts:
-        arrays = model.params.get(part.layer)
-        if not arrays:          # a conv sharing another's weights (never prunable): nothing to score
-            continue
-        scores += _member_scores(arrays, part.channels, criterion)
-    return scores
-
-
-def group_scores(model: Model, criterion: str = "l1", prunable_only: bool = True) -> dict[int, np.ndarray]:
-    """channel_scores for every (prunable) group, by group id."""
-    return {g.id: channel_scores(model, g, criterion) for g in grouping_for(model.graph).groups
-            if g.prunable or not prunable_only}
+def group_scores(model: Model, criterion: str = "l1", prunable_only: bool = True,
+                 grouping: Grouping | None = None) -> dict[int, np.ndarray]:
+    """channel_scores for every (prunable) group of `grouping` (built for the model's graph when not given)."""
+    grouping = grouping if grouping is not None else build_grouping(model.graph)
+    return {g.id: g.scores(model, criterion) for g in grouping.groups if g.prunable or not prunable_only}
 
 
 def kept_count(channels: int, rate: float, divisible: int = 1) -> int:
@@ -52,9 +35,9 @@ def kept_count(channels: int, rate: float, divisible: int = 1) -> int:
     if that multiple exceeds `channels`, all channels are kept, and if `channels` < `divisible` (no multiple fits)
     the count stays as computed."""
     if not 0.0 <= rate <= 1.0:
-        raise DarkpruneError(f"pruning rate {rate} must be between 0 and 1")
+        raise SettingError("rate", f"rate {rate}: a pruning rate must be between 0 and 1")
     if divisible < 1:
-        raise DarkpruneError(f"divisible={divisible} must be >= 1")
+        raise SettingError("divisible", f"divisible {divisible}: must be >= 1")
     keep = max(1, channels - int(math.floor(rate * channels + 0.5)))     # round half up, not Python's banker's
     if divisible > 1 and keep % divisible:
         up = -(-keep // divisible) * divisible

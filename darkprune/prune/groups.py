@@ -31,30 +31,24 @@ fixed. A fixed channel fixes every channel tied to it.
 A `Group` then collects the connected components that have the same make-up (the same producers, the same number of
 channels from each), so the usual group is "channel i of conv A, of conv B and of conv C, for i in 0..n-1". Its
 `parts` say which channel of which member each group channel is (a member appears twice when a route slices it in
-halves), and `consumers` which layers read the channels and at which of their input channels.
+halves), and `consumers` which layers read the channels and at which of their input channels. A group scores its
+channels (`scores`, the criteria), gives the masks that prune some of them (`masks`, `masked_arrays`) and the model
+without them (`sliced`).
+
+What each layer type does to channels (makes them, passes them on, ties its operands, keeps them all as a head, mixes
+them) is read from the layer-type table (darknet/layer_types.py), never from type names here. `build_grouping`
+returns a `Grouping`, which callers build once per graph and pass to masks, transform and the analysis.
 """
 from __future__ import annotations
 
-import weakref
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
 from ..darknet.graph import Graph, Layer
-from ..darknet.heads import HEAD_TYPES
-from ..errors import DarkpruneError
-
-# Layers that make the channels they output (their filters / neurons are what pruning removes).
-PRODUCER_TYPES = ("convolutional", "connected")
-# Layers whose output channels are their input channels, in order (a route concatenates; shortcut, scale_channels and
-# sam combine tied maps channel by channel).
-PASS_THROUGH_TYPES = {"route", "maxpool", "local_avgpool", "avgpool", "upsample", "dropout", "activation",
-                      "batchnorm", "empty", "shortcut", "scale_channels", "sam"}
-# Layers that read the channels they are given by index through parameters (what transform must slice).
-CONSUMER_TYPES = {"convolutional", "connected", "batchnorm", "shortcut"}
-# Pass-through layers a constant non-zero channel may cross on its way to the multiplication that zeroes it.
-_CONSTANT_SAFE = {"route", "maxpool", "local_avgpool", "avgpool", "upsample", "dropout", "empty"}
+from ..darknet.layer_types import HEAD, MIXER, PRODUCER, layer_type, passes_channels_through, role
+from ..errors import DarkpruneError, SettingError
 
 # Darknet's elementwise activations that are not 0 at 0 (every other one is: linear, leaky, relu, mish, swish, ...).
 NONZERO_AT_ZERO = {"logistic": 0.5, "plse": 0.5}
@@ -62,6 +56,7 @@ NONZERO_AT_ZERO = {"logistic": 0.5, "plse": 0.5}
 CROSS_CHANNEL_ACTIVATIONS = {"normalize_channels", "normalize_channels_softmax", "normalize_channels_softmax_maxval"}
 
 INPUT = -1      # the network input's node id
+CRITERIA = ("l1", "bn")
 
 
 @dataclass
@@ -105,6 +100,56 @@ class Group:
             text += "; read by " + ", ".join(name(r) for r in readers)
         text += "; prunable" if self.prunable else f"; not prunable: {self.reason}"
         return text
+
+    # -- behaviour: its scores (criteria), its masks, its slice (transform) --------------------------------------
+    def scores(self, model, criterion: str = "l1") -> np.ndarray:
+        """Importance of each of the group's channels (float64, length `channels`); low = pruned first. `l1`: the
+        L1 norm of each filter (a conv's weights[i], a connected layer's row i), summed over the members (a member
+        that a route slices in halves counts once per slice); `bn`: |gamma| (batch-norm `scales`) of the members
+        that have batch norm, the filter L1 norm of those that do not."""
+        if criterion not in CRITERIA:
+            raise SettingError("criterion", f"criterion {criterion}: expected one of {', '.join(CRITERIA)}")
+        scores = np.zeros(self.channels, dtype=np.float64)
+        for part in self.parts:
+            arrays = model.params.get(part.layer)
+            if not arrays:          # a conv sharing another's weights (never prunable): nothing to score
+                continue
+            scores += _member_scores(arrays, part.channels, criterion)
+        return scores
+
+    def channels_at(self, model, rate: float, criterion: str = "l1", divisible: int = 1) -> np.ndarray:
+        """The channels pruning `rate` of the group removes: the lowest-scoring ones (criteria.channels_to_prune)."""
+        from .criteria import channels_to_prune
+        return channels_to_prune(self.scores(model, criterion), rate, divisible)
+
+    def masks(self, channels) -> dict[int, np.ndarray]:
+        """The masks that prune `channels` of this group alone ({group id: channels}, as apply_masks takes)."""
+        return {self.id: np.asarray(channels, dtype=np.int64)}
+
+    def masked_arrays(self, model, channels, grouping: "Grouping") -> dict[int, dict[str, np.ndarray]]:
+        """The arrays of the layers that masking `channels` changes (the members and the layers reading the
+        channels), exactly as apply_masks changes them; only those layers are copied."""
+        from ..darknet.model import Model
+        from .masks import apply_masks
+        sub = Model(model.cfg, model.graph, {i: model.params[i] for i in self.affected_layers() if i in model.params},
+                    model.header)
+        return apply_masks(sub, self.masks(channels), grouping=grouping).params
+
+    def sliced(self, model, channels, grouping: "Grouping"):
+        """The smaller model without `channels` of this group (transform of its masks)."""
+        from .transform import transform
+        return transform(model, self.masks(channels), grouping=grouping)
+
+    def affected_layers(self) -> list[int]:
+        """Layers whose parameters masking the group may change: its members and the layers reading its channels."""
+        return sorted({p.layer for p in self.parts} | {c.layer for c in self.consumers})
+
+
+def _member_scores(arrays: dict, channels: np.ndarray, criterion: str) -> np.ndarray:
+    if criterion == "bn" and "scales" in arrays:
+        return np.abs(arrays["scales"][channels].astype(np.float64))
+    w = arrays["weights"][channels].astype(np.float64)
+    return np.abs(w).reshape(len(channels), -1).sum(axis=1)
 
 
 def describe_groups(groups: list[Group], graph: Graph | None = None) -> str:
@@ -156,11 +201,10 @@ class ChannelSpace:
         return np.concatenate([self.operand(layer, k) for k in range(len(layer.sources))])
 
     def _pass_through(self, layer: Layer) -> np.ndarray:
-        if layer.type == "route":
-            return self.input_ids(layer)
-        if layer.type == "scale_channels":
-            return self.operand(layer, 1)           # the feature map being scaled
-        return self.operand(layer, 0)               # shortcut / sam: tied maps; the rest: one input
+        """The channels a pass-through layer outputs: the operand its table entry names (a [scale_channels]
+        outputs the feature map it scales), or all of them concatenated (a route)."""
+        passes = layer_type(layer).passes
+        return self.input_ids(layer) if passes is None else self.operand(layer, passes)
 
     def node_of(self, ids: np.ndarray) -> np.ndarray:
         return np.asarray(self.nodes, dtype=np.int64)[np.searchsorted(self._starts, ids, side="right") - 1]
@@ -198,9 +242,11 @@ class _UnionFind:
         return np.array([self.find(i) for i in range(len(self.parent))], dtype=np.int64)
 
 
+
 @dataclass
 class Grouping:
-    """Everything find_groups computes: the groups, the channel numbering, and which group channel each id is."""
+    """Everything build_grouping computes: the groups, the channel numbering, and which group channel each id is.
+    Callers build it once per graph and pass it on (to masks, transform, the criteria, the analysis)."""
     graph: Graph
     space: ChannelSpace
     groups: list[Group]
@@ -213,12 +259,19 @@ class Grouping:
                                  f"(it has groups 0..{len(self.groups) - 1})")
         return self.groups[group_id]
 
-
-def passes_channels_through(layer: Layer) -> bool:
-    """True for layers whose output channels are channels they read (a depth maxpool makes new ones)."""
-    if layer.type == "maxpool" and layer.attrs.get("maxpool_depth"):
-        return False
-    return layer.type in PASS_THROUGH_TYPES
+    def excluding(self, exclude) -> "Grouping":
+        """The same grouping with every group holding a channel of an `exclude`d layer (indices or names such as
+        conv12) made unprunable. Group ids do not change, so masks saved under one exclude list stay valid."""
+        indices = _resolve_exclude(self.graph, exclude)
+        if not indices:
+            return self
+        groups = list(self.groups)
+        for index in indices:
+            why = f"excluded by the user ({self.graph[index].name})"
+            for gid in np.unique(self.owner_group[self.space.ids[index]]).tolist():
+                if gid >= 0 and groups[gid].prunable:
+                    groups[gid] = replace(groups[gid], prunable=False, reason=why)
+        return replace(self, groups=groups)
 
 
 def _fix(reasons: list, ids, reason: str) -> None:
@@ -238,18 +291,17 @@ def _constant_is_zeroed(layer: Layer, space: ChannelSpace, graph: Graph, readers
     own = set(space.ids[layer.index].tolist())
     for reader in readers.get(layer.index, []):
         r = graph[reader]
-        if r.type in _CONSTANT_SAFE:
+        entry = layer_type(r)
+        if entry.keeps_constant:
             continue       # the constant travels on; what reads it next is checked through `readers`
         operands = [set(space.operand(r, k).tolist()) for k in range(len(r.sources))]
         touched = [k for k, ops in enumerate(operands) if ops & own]
-        if r.type == "scale_channels" and not r.attrs["scale_wh"] and touched == [0]:
-            partner = space.operand(r, 1)
-        elif r.type == "sam" and len(touched) == 1:
-            partner = space.operand(r, 1 - touched[0])
-        else:
+        partner_of = entry.multiplies(r)
+        if len(touched) != 1 or touched[0] not in partner_of:
             return False
+        partner = space.operand(r, partner_of[touched[0]])
         for node in set(space.node_of(partner).tolist()):
-            if node == INPUT or graph[node].type not in PRODUCER_TYPES or \
+            if node == INPUT or role(graph[node]) != PRODUCER or \
                     NONZERO_AT_ZERO.get(_activation_of(graph[node]), 0.0) != 0.0:
                 return False
     return True
@@ -270,8 +322,8 @@ def _resolve_exclude(graph: Graph, exclude) -> list[int]:
     for item in exclude or ():
         if isinstance(item, (int, np.integer)):
             if not 0 <= int(item) < len(graph):
-                raise DarkpruneError(f"--exclude: no layer {item} in {graph.cfg.path} (it has layers 0.."
-                                     f"{len(graph) - 1})")
+                raise SettingError("exclude", f"exclude {item}: no layer {item} in {graph.cfg.path} (it has layers "
+                                              f"0..{len(graph) - 1})")
             out.append(int(item))
         else:
             text = str(item).strip()
@@ -281,92 +333,88 @@ def _resolve_exclude(graph: Graph, exclude) -> list[int]:
     return out
 
 
-def build_grouping(graph: Graph, exclude=()) -> Grouping:
-    """find_groups with the channel bookkeeping that masks and transform need. Group ids depend only on the graph
-    (never on `exclude`, which only marks groups unprunable), so masks saved under one exclude list stay valid."""
-    space = ChannelSpace(graph)
+def _layer_rules(layer: Layer, graph: Graph, space: ChannelSpace, uf: _UnionFind, reasons: list) -> None:
+    """What one layer's table entry says about the channels it reads and makes: the ones it fixes (a head's or a
+    channel mixer's inputs, an activation that is not 0 at 0 or mixes channels, a lock such as weight sharing), and
+    the ones it ties (a shortcut's operands, a grouped conv's blocks, a route's symmetric slices)."""
+    entry, kind = layer_type(layer), role(layer)
+    own = space.ids[layer.index]
+    reads = space.input_ids(layer) if layer.sources else np.zeros(0, np.int64)
+    if kind == HEAD:
+        _fix(reasons, reads, f"feeds the [{layer.section.header}] head (layer {layer.index})")
+    elif kind == MIXER:
+        _fix(reasons, reads, f"read by [{layer.section.header}] layer {layer.index}, which mixes channels")
+    act = _activation_of(layer)
+    if act in CROSS_CHANNEL_ACTIVATIONS:
+        _fix(reasons, own, f"layer {layer.index} has the cross-channel activation {act}")
+    elif act in NONZERO_AT_ZERO and kind != PRODUCER:
+        _fix(reasons, own, f"layer {layer.index}'s activation {act}(0)={NONZERO_AT_ZERO[act]} is not 0")
+    for why, others in entry.locks(layer):
+        _fix(reasons, own, why)
+        _fix(reasons, reads, why)
+        for other in others:
+            _fix(reasons, space.ids[other], why)
+            _fix(reasons, space.input_ids(graph[other]), why)
+    blocks = entry.blocks(layer)
+    if blocks > 1:
+        cin, n = len(reads) // blocks, len(own) // blocks
+        for k in range(blocks):
+            block = np.concatenate([reads[k * cin:(k + 1) * cin], own[k * n:(k + 1) * n]])
+            uf.tie(block[:1].repeat(len(block) - 1), block[1:])
+    tied = entry.tied(layer)
+    if tied:
+        operands = [space.operand(layer, k) for k in tied]
+        if len({len(o) for o in operands}) > 1:
+            why = f"[{layer.type}] layer {layer.index} adds inputs with different channel counts"
+            for o in operands:
+                _fix(reasons, o, why)
+        else:
+            for o in operands[1:]:
+                uf.tie(operands[0], o)
+    slices = entry.slices(layer)
+    if slices > 1:
+        for src in layer.sources:
+            full = space.ids[src.layer]
+            part = len(full) // slices
+            for k in range(1, slices):
+                uf.tie(full[:part], full[k * part:(k + 1) * part])
+
+
+def _channel_rules(graph: Graph, space: ChannelSpace) -> tuple[np.ndarray, list]:
+    """Union-find roots of every channel id, and per id the first reason it cannot be pruned (None: it can)."""
     uf = _UnionFind(space.total)
     reasons: list = [None] * space.total
-
-    # Nodes that are not convolutional/connected layers are never pruned.
+    # Nodes that are not producer layers (convolutional/connected) are never pruned.
     _fix(reasons, space.ids[INPUT], "tied to the network input")
     for layer in graph:
-        if not passes_channels_through(layer) and layer.type not in PRODUCER_TYPES:
+        if role(layer) in (HEAD, MIXER):
             _fix(reasons, space.ids[layer.index], f"made by [{layer.section.header}] layer {layer.index}")
-
     for layer in graph:
-        t, a = layer.type, layer.attrs
-        reads = space.input_ids(layer) if layer.sources else np.zeros(0, np.int64)
-        if t in HEAD_TYPES:
-            _fix(reasons, reads, f"feeds the [{layer.section.header}] head (layer {layer.index})")
-        elif not passes_channels_through(layer) and t not in PRODUCER_TYPES:
-            _fix(reasons, reads, f"read by [{layer.section.header}] layer {layer.index}, which mixes channels")
-        act = _activation_of(layer)
-        if act in CROSS_CHANNEL_ACTIVATIONS:
-            _fix(reasons, space.ids[layer.index], f"layer {layer.index} has the cross-channel activation {act}")
-        elif act in NONZERO_AT_ZERO and t not in PRODUCER_TYPES:
-            _fix(reasons, space.ids[layer.index],
-                 f"layer {layer.index}'s activation {act}(0)={NONZERO_AT_ZERO[act]} is not 0")
-
-        if t == "convolutional":
-            own = space.ids[layer.index]
-            if a["share"] is not None:
-                why = f"layer {layer.index} shares weights with layer {a['share']}"
-                _fix(reasons, own, why)
-                _fix(reasons, reads, why)
-                _fix(reasons, space.ids[a["share"]], why)
-                _fix(reasons, space.input_ids(graph[a["share"]]), why)
-            if a["xnor"]:
-                why = f"layer {layer.index} is a binary (xnor) convolution"
-                _fix(reasons, own, why)
-                _fix(reasons, reads, why)
-            g = a["groups"]
-            if g > 1:
-                cin, n = len(reads) // g, a["filters"] // g
-                for k in range(g):
-                    block = np.concatenate([reads[k * cin:(k + 1) * cin], own[k * n:(k + 1) * n]])
-                    uf.tie(block[:1].repeat(len(block) - 1), block[1:])
-        elif t == "shortcut":
-            operands = [space.operand(layer, k) for k in range(len(layer.sources))]
-            if len({len(o) for o in operands}) > 1:
-                why = f"[shortcut] layer {layer.index} adds inputs with different channel counts"
-                for o in operands:
-                    _fix(reasons, o, why)
-            else:
-                for o in operands[1:]:
-                    uf.tie(operands[0], o)
-        elif t == "scale_channels" and not a["scale_wh"]:
-            uf.tie(space.operand(layer, 0), space.operand(layer, 1))
-        elif t == "sam":
-            uf.tie(space.operand(layer, 0), space.operand(layer, 1))
-        elif t == "route" and a["groups"] > 1:
-            for src in layer.sources:
-                full = space.ids[src.layer]
-                part = len(full) // a["groups"]
-                for k in range(1, a["groups"]):
-                    uf.tie(full[:part], full[k * part:(k + 1) * part])
-
+        _layer_rules(layer, graph, space, uf, reasons)
     for index in graph.output_layers():
-        if graph[index].type not in HEAD_TYPES:
+        if role(graph[index]) != HEAD:
             _fix(reasons, space.ids[index], f"network output (layer {index})")
-
     readers = _transitive_readers(graph, space)
     for layer in graph:
         act = _activation_of(layer)
-        if layer.type in PRODUCER_TYPES and act in NONZERO_AT_ZERO and \
+        if role(layer) == PRODUCER and act in NONZERO_AT_ZERO and \
                 not _constant_is_zeroed(layer, space, graph, readers):
             _fix(reasons, space.ids[layer.index],
                  f"{layer.name}'s activation {act}(0)={NONZERO_AT_ZERO[act]} is not 0, so a pruned channel "
                  f"would not output zero")
+    return uf.roots(), reasons
 
-    roots = uf.roots()
+
+def _components(graph: Graph, space: ChannelSpace, roots: np.ndarray, reasons: list) -> list[tuple]:
+    """The connected components holding a producer's channels, bucketed by make-up (the nodes of their ids, and
+    whether they are fixed), as (first member, its first channel, members, parts, ids, reason), in group order."""
     # Components, each as its ids ascending (so ordered by node, then channel); a component's root is its smallest
     # id, so sorting by root orders components by where they start.
     order = np.lexsort((np.arange(space.total), roots))
     cuts = (np.flatnonzero(np.diff(roots[order])) + 1).tolist()
     order_list = order.tolist()
     nodes_list = space.node_of(order).tolist()
-    producer_nodes = {l.index for l in graph if l.type in PRODUCER_TYPES}
+    producer_nodes = {l.index for l in graph if role(l) == PRODUCER}
 
     buckets: dict[tuple, list[list[int]]] = {}
     bucket_reason: dict[tuple, str] = {}
@@ -384,19 +432,39 @@ def build_grouping(graph: Graph, exclude=()) -> Grouping:
     raw_groups = []
     for key, comps in buckets.items():
         ids = np.array(comps, dtype=np.int64)               # (channels, k)
-        signature = key[0]
-        parts = []
-        for col, node in enumerate(signature):
-            if node in producer_nodes:
-                parts.append(Part(node, space.layer_channels(node, ids[:, col])))
+        parts = [Part(node, space.layer_channels(node, ids[:, col])) for col, node in enumerate(key[0])
+                 if node in producer_nodes]
         members = sorted({p.layer for p in parts})
         raw_groups.append((members[0], int(parts[0].channels[0]), members, parts, ids, bucket_reason.get(key, "")))
     raw_groups.sort(key=lambda g: (g[0], g[1]))
+    return raw_groups
 
+
+def _attach_consumers(graph: Graph, space: ChannelSpace, groups: list[Group], owner_group: np.ndarray,
+                      owner_channel: np.ndarray) -> None:
+    """Consumers: layers whose parameters are indexed by the channels they read (their entry's slicing says by
+    which: the channels they read, or, for a per-channel shortcut, their own)."""
+    for layer in graph:
+        indexed_by = layer_type(layer).slicing(layer).indexed_by
+        if indexed_by is None or not layer.sources:
+            continue
+        reads = space.ids[layer.index] if indexed_by == "output" else space.input_ids(layer)
+        owners = owner_group[reads]
+        for gid in np.unique(owners[owners >= 0]).tolist():
+            positions = np.flatnonzero(owners == gid)
+            groups[gid].consumers.append(Consumer(layer.index, positions, owner_channel[reads[positions]]))
+
+
+def build_grouping(graph: Graph, exclude=()) -> Grouping:
+    """The channel groups of `graph` with the channel bookkeeping that masks and transform need. Group ids depend
+    only on the graph (never on `exclude`, which only marks groups unprunable: see Grouping.excluding), so masks
+    saved under one exclude list stay valid."""
+    space = ChannelSpace(graph)
+    roots, reasons = _channel_rules(graph, space)
     owner_group = np.full(space.total, -1, dtype=np.int64)
     owner_channel = np.full(space.total, -1, dtype=np.int64)
     groups = []
-    for gid, (_, _, members, parts, ids, why) in enumerate(raw_groups):
+    for gid, (_, _, members, parts, ids, why) in enumerate(_components(graph, space, roots, reasons)):
         channels = ids.shape[0]
         prunable = not why
         if prunable and channels == 1:
@@ -404,40 +472,11 @@ def build_grouping(graph: Graph, exclude=()) -> Grouping:
         groups.append(Group(gid, members, channels, prunable, why, parts, [], ids))
         owner_group[ids] = gid
         owner_channel[ids] = np.arange(channels)[:, None]
-
-    # Consumers: layers whose parameters are indexed by the channels they read.
-    for layer in graph:
-        if layer.type not in CONSUMER_TYPES or not layer.sources:
-            continue
-        if layer.type == "shortcut" and layer.attrs["weights_type"] != "per_channel":
-            continue
-        reads = space.ids[layer.index] if layer.type == "shortcut" else space.input_ids(layer)
-        owners = owner_group[reads]
-        for gid in np.unique(owners[owners >= 0]).tolist():
-            positions = np.flatnonzero(owners == gid)
-            groups[gid].consumers.append(Consumer(layer.index, positions, owner_channel[reads[positions]]))
-
-    for index in _resolve_exclude(graph, exclude):
-        why = f"excluded by the user ({graph[index].name})"
-        for gid in np.unique(owner_group[space.ids[index]]).tolist():
-            if gid >= 0 and groups[gid].prunable:
-                groups[gid].prunable, groups[gid].reason = False, why
-    return Grouping(graph, space, groups, owner_group, owner_channel)
-
-
-_CACHE: "weakref.WeakKeyDictionary[Graph, dict]" = weakref.WeakKeyDictionary()
-
-
-def grouping_for(graph: Graph, exclude=()) -> Grouping:
-    """build_grouping, cached per graph and exclude list (graphs are never modified in place)."""
-    key = tuple(str(e) for e in (exclude or ()))
-    per_graph = _CACHE.setdefault(graph, {})
-    if key not in per_graph:
-        per_graph[key] = build_grouping(graph, exclude)
-    return per_graph[key]
+    _attach_consumers(graph, space, groups, owner_group, owner_channel)
+    return Grouping(graph, space, groups, owner_group, owner_channel).excluding(exclude)
 
 
 def find_groups(graph: Graph, exclude=()) -> list[Group]:
     """The channel dependency groups of `graph`, ordered by their first member. `exclude` (layer indices or names
     such as conv12) makes every group holding one of those layers' output channels unprunable."""
-    return grouping_for(graph, exclude).groups
+    return build_grouping(graph, exclude).groups

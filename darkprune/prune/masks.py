@@ -24,10 +24,11 @@ from pathlib import Path
 import numpy as np
 
 from ..darknet.graph import Graph
+from ..darknet.layer_types import NEUTRAL, layer_type
 from ..darknet.model import Model
 from ..errors import DarkpruneError
 from ..util.jsonio import write_json
-from .groups import Grouping, grouping_for
+from .groups import Grouping, build_grouping
 
 FORMAT = "darkprune-masks"
 VERSION = 1
@@ -38,15 +39,7 @@ def structure_fingerprint(graph: Graph) -> str:
     channels. Comments, [net] training options and head options do not change it."""
     parts = [f"input {graph.input_shape}"]
     for layer in graph:
-        a = layer.attrs
-        extra = ""
-        if layer.type == "convolutional":
-            extra = f"{a['size']} {a['stride_x']} {a['stride_y']} {a['groups']} {a['batch_normalize']} " \
-                    f"{a['activation']} {a['share']} {a['xnor']}"
-        elif layer.type == "connected":
-            extra = f"{a['batch_normalize']} {a['activation']}"
-        elif layer.type == "shortcut":
-            extra = f"{a['weights_type']} {a['activation']}"
+        extra = " ".join(f"{layer.attrs[key]}" for key in layer_type(layer).fingerprint)
         sources = ",".join(f"{s.layer}:{s.start}:{s.stop}" for s in layer.sources)
         parts.append(f"{layer.index} {layer.type} [{sources}] {layer.in_shape} {layer.out_shape} {extra}")
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
@@ -58,13 +51,14 @@ class Masks:
     pruned: dict[int, np.ndarray]
     fingerprint: str
     groups_info: dict[int, dict] = field(default_factory=dict)    # id -> {"members": [...], "channels": n}
+    grouping: Grouping | None = field(default=None, repr=False, compare=False)   # the groups the ids refer to
 
     @classmethod
-    def for_model(cls, model: Model, pruned: dict, exclude=()) -> "Masks":
-        grouping = grouping_for(model.graph)
+    def for_model(cls, model: Model, pruned: dict, exclude=(), grouping: Grouping | None = None) -> "Masks":
+        grouping = _grouping_of(model, grouping)
         clean = validate(grouping, pruned, exclude)
         info = {g: {"members": grouping.groups[g].members, "channels": grouping.groups[g].channels} for g in clean}
-        return cls(clean, structure_fingerprint(model.graph), info)
+        return cls(clean, structure_fingerprint(model.graph), info, grouping)
 
     @property
     def total_pruned(self) -> int:
@@ -99,13 +93,16 @@ class Masks:
             masks.check(model, source)
         return masks
 
-    def check(self, model: Model, source: str = "masks") -> None:
-        """Refuse masks made for another model (a different structure, or groups that do not match)."""
+    def check(self, model: Model, source: str = "masks", grouping: Grouping | None = None) -> None:
+        """Refuse masks made for another model (a different structure, or groups that do not match). The masks
+        then keep the model's grouping (what apply_masks and transform use)."""
         mine = structure_fingerprint(model.graph)
         if mine != self.fingerprint:
             raise DarkpruneError(f"{source}: these masks were made for another model (structure {self.fingerprint}, "
                                  f"{model.cfg_path or 'this model'} is {mine})")
-        grouping = grouping_for(model.graph)
+        if grouping is None and self.grouping is not None and self.grouping.graph is model.graph:
+            grouping = self.grouping
+        grouping = _grouping_of(model, grouping)
         for g, info in self.groups_info.items():
             if g >= len(grouping.groups) or (info.get("members") and
                                               (grouping.groups[g].members != info["members"] or
@@ -113,6 +110,7 @@ class Masks:
                 raise DarkpruneError(f"{source}: group {g} does not match this model's channel groups "
                                      f"(made by another darkprune version?)")
         validate(grouping, self.pruned, (), source)
+        self.grouping = grouping
 
     def save(self, path: str | os.PathLike) -> None:
         write_json(path, self.to_json())
@@ -131,7 +129,7 @@ class Masks:
 def validate(grouping: Grouping, pruned: dict, exclude=(), source: str = "masks") -> dict[int, np.ndarray]:
     """Check {group id: channel indices} against the groups: known and prunable groups, channels in range, at least
     one channel kept. Returns sorted unique int64 arrays, empty entries dropped."""
-    groups = grouping_for(grouping.graph, exclude).groups if exclude else grouping.groups
+    groups = grouping.excluding(exclude).groups
     clean = {}
     for gid, channels in pruned.items():
         gid = int(gid)
@@ -153,15 +151,23 @@ def validate(grouping: Grouping, pruned: dict, exclude=(), source: str = "masks"
     return clean
 
 
-def _as_masks(model: Model, masks) -> Masks:
+def _grouping_of(model: Model, grouping: Grouping | None) -> Grouping:
+    if grouping is None:
+        return build_grouping(model.graph)
+    if grouping.graph is not model.graph:
+        raise DarkpruneError(f"the channel grouping given is for another graph than {model.cfg_path or 'the model'}'s")
+    return grouping
+
+
+def _as_masks(model: Model, masks, grouping: Grouping | None = None) -> Masks:
     if masks is None:
         masks = getattr(model, "masks", None)
         if masks is None:
             raise DarkpruneError("no masks given, and the model carries none (use apply_masks first)")
     if isinstance(masks, Masks):
-        masks.check(model)
+        masks.check(model, grouping=grouping)
         return masks
-    return Masks.for_model(model, masks)
+    return Masks.for_model(model, masks, grouping=grouping)
 
 
 class KeptChannels:
@@ -182,63 +188,63 @@ class KeptChannels:
         return self.alive[self.grouping.space.input_ids(layer)]
 
 
-def kept_channels(model: Model, masks) -> KeptChannels:
-    masks = _as_masks(model, masks)
-    return KeptChannels(grouping_for(model.graph), masks.pruned)
+def kept_channels(model: Model, masks, grouping: Grouping | None = None) -> KeptChannels:
+    masks = _as_masks(model, masks, grouping)
+    return KeptChannels(masks.grouping, masks.pruned)
 
 
-def apply_masks(model: Model, masks, exclude=()) -> Model:
+def input_columns(layer, channels: np.ndarray, flat: bool) -> np.ndarray:
+    """The parameter columns that input `channels` of `layer` occupy: the channels themselves, or for a layer
+    reading its input flattened (connected), each channel's H*W columns c*H*W..(c+1)*H*W-1."""
+    if not flat:
+        return channels
+    _, h, w = layer.in_shape
+    return (channels[:, None] * (h * w) + np.arange(h * w)[None, :]).ravel()
+
+
+def apply_masks(model: Model, masks, exclude=(), grouping: Grouping | None = None) -> Model:
     """A copy of `model` in which the masked channels output exactly zero (shapes unchanged). `masks` is a Masks or
-    {group id: channel indices}. The copy carries the Masks as `.masks` (what `transform` uses by default)."""
+    {group id: channel indices}. The copy carries the Masks as `.masks` (what `transform` uses by default). Each
+    layer's arrays are cleared along the axes its layer-type entry's slicing names."""
     if isinstance(masks, Masks):
-        masks.check(model)
+        masks.check(model, grouping=grouping)
         if exclude:
-            validate(grouping_for(model.graph), masks.pruned, exclude)
+            validate(masks.grouping, masks.pruned, exclude)
     else:
-        masks = Masks.for_model(model, masks, exclude)
-    kept = KeptChannels(grouping_for(model.graph), masks.pruned)
+        masks = Masks.for_model(model, masks, exclude, grouping)
+    kept = KeptChannels(masks.grouping, masks.pruned)
     out = model.copy()
-    graph = model.graph
-    for layer in graph:
+    for layer in model.graph:
         params = out.params.get(layer.index)
         if not params:
             continue
+        rule = layer_type(layer).slicing(layer)
         dead_out = np.flatnonzero(~kept.out[layer.index])
-        if layer.type in ("convolutional", "connected"):
-            if len(dead_out):
-                _clear_channels(params, dead_out)
-            dead_in = np.flatnonzero(~kept.reads(layer.index))
-            if len(dead_in) and layer.type == "connected":
-                c, h, w = layer.in_shape
-                cols = (dead_in[:, None] * (h * w) + np.arange(h * w)[None, :]).ravel()
-                params["weights"][:, cols] = 0.0
-            elif len(dead_in) and layer.attrs["groups"] == 1:
-                params["weights"][:, dead_in] = 0.0
-            # A grouped conv's pruned inputs come in whole blocks whose filters are pruned with them (cleared above).
-        elif layer.type == "batchnorm" and len(dead_out):
-            _clear_channels(params, dead_out)
-        elif layer.type == "shortcut" and layer.attrs["weights_type"] == "per_channel" and len(dead_out):
-            params["weights"][:, dead_out] = 0.0
+        if len(dead_out):
+            for name, axis in rule.out_axes.items():
+                _clear(params[name], axis, dead_out, NEUTRAL.get(name, 0.0))
+        dead_in = np.flatnonzero(~kept.reads(layer.index)) if rule.in_axes else ()
+        if len(dead_in):
+            columns = input_columns(layer, dead_in, rule.flat_inputs)
+            for name, axis in rule.in_axes.items():
+                _clear(params[name], axis, columns, 0.0)
     out.masks = masks
     return out
 
 
-def _clear_channels(params: dict, channels: np.ndarray) -> None:
-    for name in ("weights", "biases", "scales", "rolling_mean"):
-        if name in params:
-            params[name][channels] = 0.0
-    if "rolling_variance" in params:
-        params["rolling_variance"][channels] = 1.0
+def _clear(array: np.ndarray, axis: int, index: np.ndarray, value: float) -> None:
+    view = np.moveaxis(array, axis, 0)
+    view[index] = value
 
 
 # ---------------------------------------------------------------------------------------------------------------
-def live_stats(model: Model, masks) -> dict:
+def live_stats(model: Model, masks, grouping: Grouping | None = None) -> dict:
     """Params and BFLOPs counting only live channels, by Darknet's rules, per layer and in total (what the
     transformed model's layer table will print).
 
     Returns {"layers": [{"index", "name", "type", "out_channels", "out_channels_before", "params", "params_before",
     "bflops", "bflops_before"}], "total_params", "total_params_before", "total_bflops", "total_bflops_before"}."""
-    kept = kept_channels(model, masks)
+    kept = kept_channels(model, masks, grouping)
     rows = []
     for layer in model.graph:
         params, bflops = _live_layer_cost(layer, kept)
@@ -258,33 +264,12 @@ def live_stats(model: Model, masks) -> dict:
 
 
 def _live_layer_cost(layer, kept: KeptChannels) -> tuple[int, float]:
-    a = layer.attrs
-    t = layer.type
-    n_out = int(kept.out[layer.index].sum())
-    _, oh, ow = layer.out_shape
-    if t == "convolutional":
-        c_in = int(kept.reads(layer.index).sum())
-        groups = a["groups"]
-        if groups > 1:
-            groups = c_in // (layer.in_shape[0] // groups)        # whole blocks are kept or removed
-        nweights = (c_in // groups) * n_out * a["size"] * a["size"]
-        params = 0 if a["share"] is not None else nweights + n_out + (3 * n_out if a["batch_normalize"] else 0)
-        bflops = 2.0 * nweights * oh * ow / 1e9
-        return params, bflops / 32 if a["xnor"] else bflops
-    if t == "connected":
-        c, h, w = layer.in_shape
-        inputs = int(kept.reads(layer.index).sum()) * h * w
-        return inputs * n_out + n_out + (3 * n_out if a["batch_normalize"] else 0), 0.0
-    if t in ("maxpool", "local_avgpool") and not a.get("maxpool_depth"):
-        return 0, a["size"] * a["size"] * n_out * oh * ow / 1e9
-    if t == "shortcut":
-        _, h, w = layer.out_shape
-        n = len(a["from_layers"])
-        nweights = {"none": 0, "per_feature": n + 1, "per_channel": (n + 1) * n_out}[a["weights_type"]]
-        return nweights, n_out * h * w * n / 1e9 * (2 if a["weights_type"] != "none" else 1)
-    if t == "batchnorm":
-        return (4 if a["layout"] == "alexeyab" else 3) * n_out, 0.0
-    return layer.params, layer.bflops
+    """The layer's params and BFLOPs by its shape rule's cost, with the live channels it reads and outputs."""
+    entry = layer_type(layer)
+    if entry.cost is None:
+        return layer.params, layer.bflops
+    c_in = int(kept.reads(layer.index).sum()) if layer.sources else 0
+    return entry.live_cost(layer, c_in, int(kept.out[layer.index].sum()))
 
 
 __all__ = ["Masks", "apply_masks", "live_stats", "kept_channels", "KeptChannels", "structure_fingerprint", "validate"]

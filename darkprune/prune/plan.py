@@ -18,8 +18,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from ..errors import DarkpruneError
-from .criteria import channel_scores, channels_to_prune
+from ..errors import DarkpruneError, SettingError
+from .groups import Grouping, build_grouping
 from .masks import Masks, live_stats
 
 
@@ -45,25 +45,28 @@ class Plan:
                    int(data.get("divisible", 1)), data.get("details", {}))
 
 
-def prune(model, plan, exclude=()):
+def prune(model, plan, exclude=(), grouping: Grouping | None = None):
     """The masked model for `plan` (a Plan, a Masks or {group id: channel indices}): same shapes, the pruned
     channels output exactly zero (see masks.apply_masks). The result carries its Masks as `.masks`."""
     from .masks import apply_masks
     if isinstance(plan, Plan):
-        return apply_masks(model, masks_for_plan(model, plan, exclude))
-    return apply_masks(model, plan, exclude)
+        masks = masks_for_plan(model, plan, exclude, grouping)
+        return apply_masks(model, masks, grouping=masks.grouping)
+    return apply_masks(model, plan, exclude, grouping)
 
 
-def masks_for_plan(model, plan: Plan, exclude=()) -> Masks:
-    """Which channels each group loses at its planned rate: the lowest-ranked by the plan's criterion."""
+def masks_for_plan(model, plan: Plan, exclude=(), grouping: Grouping | None = None) -> Masks:
+    """Which channels each group loses at its planned rate: the lowest-ranked by the plan's criterion. `grouping`:
+    the model's channel groups (built when not given)."""
+    grouping = grouping if grouping is not None else build_grouping(model.graph)
     pruned = {}
     for gid, rate in plan.rates.items():
         if rate <= 0:
             continue
-        chans = channels_to_prune(channel_scores(model, gid, plan.criterion), rate, plan.divisible)
+        chans = grouping.group(int(gid)).channels_at(model, rate, plan.criterion, plan.divisible)
         if len(chans):
             pruned[gid] = chans
-    return Masks.for_model(model, pruned, exclude)
+    return Masks.for_model(model, pruned, exclude, grouping)
 
 
 def loss_envelope(sensitivity, gid: int) -> list[tuple[float, float]]:
@@ -81,11 +84,13 @@ def check_threshold(threshold, sensitivity) -> float:
     try:
         value = float(threshold)
     except (TypeError, ValueError):
-        raise DarkpruneError(f"--threshold {threshold}: expected a number (an accuracy loss like 0.01)") from None
+        raise SettingError("threshold", f"threshold {threshold}: expected a number (an accuracy loss like 0.01)") \
+            from None
     if math.isnan(value) or value < 0:
-        raise DarkpruneError(f"--threshold {threshold}: the accuracy loss a layer may cost must be a number >= 0")
+        raise SettingError("threshold", f"threshold {threshold}: the accuracy loss a layer may cost must be a "
+                                        f"number >= 0")
     if value >= sensitivity.baseline:
-        raise DarkpruneError(f"--threshold {threshold} is not below the model's {sensitivity.metric} "
+        raise SettingError("threshold", f"threshold {threshold} is not below the model's {sensitivity.metric} "
                              f"({sensitivity.baseline:.4f}): every layer could then lose all its accuracy and be "
                              f"emptied; pick a threshold like 0.01 (one point)")
     return value
@@ -112,13 +117,16 @@ def plan_by_threshold(sensitivity, threshold: float, divisible: int = 1, exclude
                 {"group_losses": losses})
 
 
-def plan_by_rate(model, sensitivity, fraction: float, divisible: int = 1, exclude=()) -> Plan:
+def plan_by_rate(model, sensitivity, fraction: float, divisible: int = 1, exclude=(),
+                 grouping: Grouping | None = None) -> Plan:
     try:
         fraction = float(fraction)
     except (TypeError, ValueError):
-        raise DarkpruneError(f"--rate {fraction}: expected a number between 0 and 1") from None
+        raise SettingError("rate", f"rate {fraction}: expected a number between 0 and 1") from None
     if not 0 < fraction < 1:
-        raise DarkpruneError(f"--rate {fraction}: the share of BFLOPs to remove must lie strictly between 0 and 1")
+        raise SettingError("rate", f"rate {fraction}: the share of BFLOPs to remove must lie strictly between 0 "
+                                   f"and 1")
+    grouping = grouping if grouping is not None else build_grouping(model.graph)
     total = model.graph.total_bflops
     if total <= 0:
         raise DarkpruneError(f"{model.cfg_path}: the model has no BFLOPs to remove (Darknet counts none for its "
@@ -127,8 +135,9 @@ def plan_by_rate(model, sensitivity, fraction: float, divisible: int = 1, exclud
 
     # per-group candidate steps: (rate, saving alone, loss), on the lower convex hull of loss against saving
     def saving_of(rates: dict[int, float]) -> float:
-        masks = masks_for_plan(model, Plan(rates, "rate", fraction, 0.0, sensitivity.criterion, divisible))
-        return total - live_stats(model, masks)["total_bflops"]
+        masks = masks_for_plan(model, Plan(rates, "rate", fraction, 0.0, sensitivity.criterion, divisible), (),
+                               grouping)
+        return total - live_stats(model, masks, grouping)["total_bflops"]
 
     hulls: dict[int, list[tuple[float, float, float]]] = {}
     for gid in sorted(sensitivity.curves):
@@ -152,8 +161,8 @@ def plan_by_rate(model, sensitivity, fraction: float, divisible: int = 1, exclud
             if best is None or slope < best[0]:
                 best = (slope, gid, r1, l1 - l0)
         if best is None:
-            raise DarkpruneError(f"--rate {fraction}: even the largest analysed rates of every group remove only "
-                                 f"{achieved / total:.1%} of the BFLOPs; analyse larger rates (--rates) or ask less")
+            raise SettingError("rate", f"rate {fraction}: even the largest analysed rates of every group remove only "
+                                       f"{achieved / total:.1%} of the BFLOPs; analyse larger rates or ask less")
         _, gid, rate, dloss = best
         position[gid] += 1
         current[gid] = rate

@@ -43,22 +43,16 @@ import numpy as np
 
 from ..darknet.graph import Layer
 from ..darknet.heads import DECODED_HEAD_TYPES
+from ..darknet.layer_types import layer_type, weights_owner
 from ..darknet.model import Model
-from ..engine import activations, conv, pool, reorg, route, sam, scale_channels, shortcut, softmax, upsample, yolo
-from ..engine import crop as crop_kernels
-from ..engine import dropout as dropout_kernels
+from ..engine import activations
 from ..engine.batchnorm import (DARKNET_MOMENTUM, batchnorm_backward_inference, batchnorm_backward_train,
                                 batchnorm_forward_inference, batchnorm_forward_train)
 from ..engine.blas import limit_threads
-from ..engine.connected import connected_backward, connected_forward_train
-from ..engine.network import INFERENCE_TYPES
+from ..engine.layer_ops import FROM_OUTPUT
 from ..errors import DarkpruneError
 from . import losses
 from .yolo_loss import region_loss, yolo_loss
-
-# Activations whose derivative can be computed from the output alone (passed as the "input" to the backward):
-# leaky/relu keep the input's sign, logistic's derivative is y(1-y), linear's is 1.
-_FROM_OUTPUT = {"linear", "leaky", "revleaky", "relu", "logistic"}
 
 HEAD_TYPES = DECODED_HEAD_TYPES   # the heads with a loss and a backward
 
@@ -95,35 +89,113 @@ class LossOutput:
     loss: float | None = None
 
 
-def _trainable(layer: Layer, params: dict) -> list[tuple[str, bool]]:
-    """(name, decayed) of the arrays the optimizer updates for this layer (rolling statistics are not trained)."""
-    t = layer.type
-    if t == "convolutional":
-        if layer.attrs["share"] is not None:
-            return []
-        names = ["weights", "biases"] + (["scales"] if layer.attrs["batch_normalize"] else [])
-    elif t == "connected":
-        names = ["weights", "biases"] + (["scales"] if layer.attrs["batch_normalize"] else [])
-    elif t == "batchnorm":
-        names = ["scales"] + (["biases"] if "biases" in params else [])
-    elif t == "shortcut" and layer.attrs["nweights"]:
-        names = ["weights"]
-    else:
-        return []
-    return [(n, n in DECAYED) for n in names]
-
-
 def trainable_parameters(model: Model) -> list[tuple[int, str, bool]]:
-    """Every (layer index, array name, decayed) the optimizer updates, in layer order."""
-    out = []
-    for layer in model.graph:
-        for name, decayed in _trainable(layer, model.params.get(layer.index, {})):
-            out.append((layer.index, name, decayed))
-    return out
+    """Every (layer index, array name, decayed) the optimizer updates, in layer order (rolling statistics are not
+    trained; the layer-type table says which arrays are)."""
+    return [(layer.index, name, name in DECAYED) for layer in model.graph
+            for name in layer_type(layer).trainable_arrays(layer)]
 
 
-class TrainingNetwork:
-    """Forward (training or inference mode) and backward over a Model's layer graph; see the module doc.
+class LayerSteps:
+    """The steps layers share inside one training pass, which the engine's per-type forward and backward
+    (engine/layer_ops.py) call back into: the activation (keeping its input only when its derivative needs it),
+    batch norm on batch or rolling statistics, and recording parameter gradients."""
+
+    dtype: np.dtype
+    bn_momentum: float
+    train: bool = True
+
+    def _reset_pass(self) -> None:
+        self._acts: dict[int, np.ndarray] = {}
+        self._saved: dict[int, tuple] = {}
+        self._pre: dict[int, np.ndarray] = {}
+        self._current = -1
+
+    def activate(self, y: np.ndarray, act: str, already: bool) -> np.ndarray:
+        """Apply `act` in place (unless the conv already fused it). The pre-activation is kept (in self._pre, for
+        the layer being run) only when the derivative needs it."""
+        if act not in FROM_OUTPUT:
+            self._pre[self._current] = y.copy()
+            activations.activate_(y, act)
+        elif not already:
+            activations.activate_(y, act)
+        return y
+
+    def bn_forward(self, z: np.ndarray, p: dict, copy: bool = False):
+        """Batch norm on z (in place unless copy): batch statistics in training, rolling ones otherwise."""
+        c = z.shape[1]
+        biases = p["biases"] if "biases" in p else np.zeros(c, self.dtype)
+        if self.train:
+            out = None if copy else z
+            y, cache = batchnorm_forward_train(z, p["scales"], biases, p["rolling_mean"], p["rolling_variance"],
+                                               momentum=self.bn_momentum, out=out)
+            return y, ("train", cache)
+        y = batchnorm_forward_inference(z, p["scales"], biases, p["rolling_mean"], p["rolling_variance"])
+        return y, ("inference", z if copy else z.copy())
+
+    def act_backward(self, index: int, g: np.ndarray, act: str) -> np.ndarray:
+        """dL/d(pre-activation) of layer `index` from dL/d(its output), in place in g (owned by the caller)."""
+        if act == "linear":
+            return g
+        g = np.ascontiguousarray(g)
+        out = self._acts[index]
+        x_in = out if act in FROM_OUTPUT else self._pre[index]
+        return activations.activation_backward(x_in, out, g, act, out=g)
+
+    def bn_backward(self, saved, g: np.ndarray, p: dict):
+        mode, state = saved
+        if mode == "train":
+            return batchnorm_backward_train(g, state, p["scales"])
+        return batchnorm_backward_inference(g, state, p["scales"], p["rolling_mean"], p["rolling_variance"])
+
+    def record(self, index: int, grads: dict[str, np.ndarray]) -> None:
+        mine = self._grads.setdefault(index, {})
+        for name, value in grads.items():
+            value = np.ascontiguousarray(value, dtype=self.dtype)
+            if name in mine:
+                mine[name] = mine[name] + value       # a shared (share_index) conv: both users' gradients
+            else:
+                mine[name] = value
+
+
+class _GradientSum:
+    """dL/d(output) per layer, summed over the layer's readers as backward reaches them. Arrays handed over by the
+    layer kernels are owned and summed into in place; a caller's seed is copied before anything is added to it."""
+
+    def __init__(self, dtype: np.dtype):
+        self.dtype = dtype
+        self.grads: dict[int, np.ndarray] = {}
+        self.owned: set[int] = set()
+
+    def add(self, index: int, g: np.ndarray, take: bool = False) -> None:
+        if index < 0:
+            return
+        g = np.asarray(g)
+        if g.dtype != self.dtype:
+            g = g.astype(self.dtype)
+            take = True
+        grads, owned = self.grads, self.owned
+        if index not in grads:
+            grads[index] = g
+            if take:
+                owned.add(index)
+        elif index in owned:
+            grads[index] += g
+        else:
+            grads[index] = grads[index] + g
+            owned.add(index)
+
+    def take(self, index: int) -> np.ndarray | None:
+        """The finished sum for `index` (every reader has run), as an array the caller may modify."""
+        g = self.grads.pop(index, None)
+        if g is not None and index not in self.owned:
+            g = g.copy()
+        return g
+
+
+class TrainingNetwork(LayerSteps):
+    """Forward (training or inference mode) and backward over a Model's layer graph; see the module doc. Each
+    layer's forward and backward are its type's (engine/layer_ops.py), found through the layer-type table.
 
     dtype: float32 (training) or float64 (gradient checks). The model's parameter arrays are used in place; any
     not of `dtype` (or not C-contiguous) is replaced in `model.params` by a converted copy. `seed` seeds the
@@ -139,10 +211,10 @@ class TrainingNetwork:
         self.rng = np.random.default_rng(seed)
         self._max_threads = numba.get_num_threads()
         for layer in self.graph:
-            if layer.type not in INFERENCE_TYPES:
+            if layer_type(layer).engine is None:
                 raise DarkpruneError(f"{layer.where()}: the darkprune engine does not run [{layer.section.header}] "
                                      f"layers")
-            if layer.type == "convolutional" and layer.attrs["xnor"]:
+            if layer.attrs.get("xnor"):
                 raise DarkpruneError(f"{layer.where()}: xnor=1 (binary) convolutions cannot be trained by darkprune")
         for index, arrays in model.params.items():
             for name, arr in list(arrays.items()):
@@ -150,18 +222,13 @@ class TrainingNetwork:
                     arrays[name] = np.ascontiguousarray(arr, dtype=self.dtype)
         self.stop_backward = {layer.index: layer.section.get_int("stopbackward", 0) for layer in self.graph
                               if layer.section.get_int("stopbackward", 0)}
-        self._acts: dict[int, np.ndarray] = {}
-        self._saved: dict[int, tuple] = {}
-        self._pre: dict[int, np.ndarray] = {}
-        self._current = -1
+        self._reset_pass()
         self._grads: dict[int, dict[str, np.ndarray]] = {}
-        self._train = True
+        self.train = True
 
     # -- parameters ---------------------------------------------------------------------------------------------
     def _params(self, layer: Layer) -> dict:
-        if layer.type == "convolutional" and layer.attrs["share"] is not None:
-            return self.model.params[layer.attrs["share"]]
-        return self.model.params.get(layer.index, {})
+        return self.model.params.get(weights_owner(layer), {})
 
     def trainable(self) -> list[tuple[int, str, bool]]:
         return trainable_parameters(self.model)
@@ -179,16 +246,15 @@ class TrainingNetwork:
         if tuple(x.shape[1:]) != self.graph.input_shape:
             raise DarkpruneError(f"input batch has shape {tuple(x.shape[1:])}, the network expects "
                                  f"{self.graph.input_shape} (channels, height, width)")
-        self._train = bool(train)
+        self.train = bool(train)
         rng = self.rng if rng is None else rng
-        self._acts = {-1: x}
-        self._saved = {}
-        self._pre = {}
+        self._reset_pass()
+        self._acts[-1] = x
         for layer in self.graph:
             self._current = layer.index
             ins = [self._acts[i] for i in layer.inputs]
             with limit_threads(self._threads(layer, x.shape[0])):
-                out, saved = self._forward_layer(layer, ins, rng)
+                out, saved = layer_type(layer).engine.forward(self, layer, ins, self._params(layer), rng)
             self._acts[layer.index] = out
             self._saved[layer.index] = saved
         wanted = self.graph.output_layers() if outputs is None else outputs
@@ -200,114 +266,14 @@ class TrainingNetwork:
         c, h, w = layer.out_shape
         ic, ih, iw = layer.in_shape
         work = batch * (c * h * w + ic * ih * iw)
-        if layer.type == "convolutional":
-            work *= layer.attrs["size"] ** 2 * max(1, ic // layer.attrs["groups"]) // 4 + 1
+        factor = layer_type(layer).engine.work
+        if factor is not None:
+            work *= factor(layer)
         return 1 if work < SMALL_LAYER_WORK else self._max_threads
 
     def output(self, index: int) -> np.ndarray:
         """Layer `index`'s output from the last forward (-1: the input)."""
         return self._acts[index]
-
-    def _forward_layer(self, layer: Layer, ins: list[np.ndarray], rng) -> tuple[np.ndarray, tuple]:
-        a = layer.attrs
-        t = layer.type
-        x = ins[0]
-        p = self._params(layer)
-        if t == "convolutional":
-            act = a["activation"]
-            fused = act if (act in _FROM_OUTPUT and not a["batch_normalize"]) else "linear"
-            bias = p["biases"] if not a["batch_normalize"] else np.zeros(a["filters"], self.dtype)
-            plan = conv.prepare_conv2d(p["weights"], bias, a["stride_x"], a["stride_y"], a["pad"] * a["dilation"],
-                                       a["dilation"], a["groups"], activation=fused)
-            z = plan.forward(x, out_h=layer.out_shape[1], out_w=layer.out_shape[2])
-            bn = None
-            if a["batch_normalize"]:
-                z, bn = self._bn_forward(z, p)
-            return self._activate(z, act, fused != "linear"), (bn,)
-        if t == "connected":
-            n = x.shape[0]
-            if self._train or not a["batch_normalize"]:
-                bn_args = (p["scales"], p["rolling_mean"], p["rolling_variance"]) if a["batch_normalize"] else ()
-                y, cache = connected_forward_train(x, p["weights"], p["biases"], *bn_args,
-                                                   momentum=self.bn_momentum, update_rolling=self._train)
-                saved = (cache, None)
-            else:
-                z = np.matmul(x.reshape(n, -1), p["weights"].T.astype(self.dtype, copy=False))
-                y = batchnorm_forward_inference(z, p["scales"], p["biases"], p["rolling_mean"],
-                                                p["rolling_variance"])
-                saved = (None, z)
-            y = np.ascontiguousarray(y).reshape(n, -1, 1, 1)
-            return self._activate(y, a["activation"], False), saved
-        if t == "batchnorm":
-            return self._bn_forward(x, p, copy=True)
-        if t == "maxpool":
-            if a["maxpool_depth"]:
-                y, idx = pool.maxpool_depth_forward(x, a["out_channels"], return_indices=True)
-            else:
-                y, idx = pool.maxpool_forward(x, a["size"], a["stride_x"], a["stride_y"], a["padding"],
-                                              return_indices=True)
-            return y, (idx,)
-        if t == "local_avgpool":
-            return pool.local_avgpool_forward(x, a["size"], a["stride_x"], a["stride_y"], a["padding"]), ()
-        if t == "avgpool":
-            return pool.avgpool_forward(x), ()
-        if t == "route":
-            return route.route_forward(ins, a["groups"], a["group_id"]), ()
-        if t == "shortcut":
-            weights = p.get("weights") if a["nweights"] else None
-            y = shortcut.shortcut_forward(x, ins[1:], weights, a["weights_type"], a["weights_normalization"])
-            return self._activate(y, a["activation"], False), ()
-        if t == "upsample":
-            return upsample.upsample_forward(x, a["stride"], a["scale"]), ()
-        if t == "reorg":
-            return reorg.reorg_forward(x, a["stride"], bool(a["reverse"])), ()
-        if t == "reorg3d":
-            return reorg.reorg3d_forward(x, a["stride"], bool(a["reverse"])), ()
-        if t == "softmax":
-            return softmax.softmax_forward(x, a["groups"], a["temperature"], bool(a["spatial"])), ()
-        if t == "dropout":
-            y, mask = dropout_kernels.dropout_forward(x, a["probability"], train=self._train, rng=rng)
-            return y, (mask,)
-        if t in ("empty", "cost", "contrastive"):
-            return x, ()
-        if t == "activation":
-            return self._activate(x.copy(), a["activation"], False), ()
-        if t == "scale_channels":
-            y = scale_channels.scale_channels_forward(x, ins[1], bool(a["scale_wh"]))
-            return self._activate(y, a["activation"], False), ()
-        if t == "sam":
-            return self._activate(sam.sam_forward(x, ins[1]), a["activation"], False), ()
-        if t == "yolo":
-            return yolo.yolo_forward(x, len(a["mask"]), a["classes"], a["scale_x_y"], bool(a["new_coords"])), ()
-        if t == "region":
-            return yolo.region_forward(x, a["num"], a["classes"], a["coords"], bool(a["softmax"])), ()
-        if t == "crop":
-            y, params = crop_kernels.crop_forward(x, a["crop_height"], a["crop_width"], bool(a["noadjust"]),
-                                                  bool(a["flip"]), train=self._train, rng=rng)
-            return np.ascontiguousarray(y, dtype=self.dtype), (params,)
-        raise DarkpruneError(f"{layer.where()}: no training forward pass for [{layer.section.header}]")
-
-    def _bn_forward(self, z: np.ndarray, p: dict, copy: bool = False):
-        """Batch norm on z (in place unless copy): batch statistics in training, rolling ones otherwise."""
-        c = z.shape[1]
-        biases = p["biases"] if "biases" in p else np.zeros(c, self.dtype)
-        if self._train:
-            out = None if copy else z
-            y, cache = batchnorm_forward_train(z, p["scales"], biases, p["rolling_mean"], p["rolling_variance"],
-                                               momentum=self.bn_momentum, out=out)
-            return y, ("train", cache)
-        y = batchnorm_forward_inference(z, p["scales"], biases, p["rolling_mean"], p["rolling_variance"])
-        return y, ("inference", z if copy else z.copy())
-
-    def _activate(self, y: np.ndarray, act: str, already: bool) -> np.ndarray:
-        """Apply `act` in place (unless the conv already fused it). The pre-activation is kept (in self._pre, for
-        the layer being run) only when the derivative needs it."""
-        if act not in _FROM_OUTPUT:
-            self._pre[self._current] = y.copy()
-            activations.activate_(y, act)
-        elif not already:
-            activations.activate_(y, act)
-        return y
 
     # -- backward -----------------------------------------------------------------------------------------------
     def backward(self, output_grads: dict[int, np.ndarray], iteration: int | None = None) -> None:
@@ -317,206 +283,40 @@ class TrainingNetwork:
         again before another backward)."""
         if not self._acts:
             raise DarkpruneError("backward() needs a forward() first")
-        grads: dict[int, np.ndarray] = {}
-        owned: set[int] = set()
-
-        def add(index: int, g: np.ndarray, take: bool = False) -> None:
-            if index < 0:
-                return
-            g = np.asarray(g)
-            if g.dtype != self.dtype:
-                g = g.astype(self.dtype)
-                take = True
-            if index not in grads:
-                grads[index] = g
-                if take:
-                    owned.add(index)
-            elif index in owned:
-                grads[index] += g
-            else:
-                grads[index] = grads[index] + g
-                owned.add(index)
-
+        grads = _GradientSum(self.dtype)
         for index, g in output_grads.items():
             out = self._acts[int(index)]
             g = np.asarray(g)
             if g.shape != out.shape:
                 raise ValueError(f"gradient for layer {index} has shape {g.shape}, its output {out.shape}")
-            add(int(index), g)
-
-        stop = -1
-        for index, value in self.stop_backward.items():
-            if value == 1 or (iteration is not None and value > iteration):
-                stop = max(stop, index)
-
+            grads.add(int(index), g)
+        stop = self._stop_layer(iteration)
         self._grads = {}
         for layer in reversed(self.graph.layers):
             i = layer.index
             if i <= stop:
                 break
-            g = grads.pop(i, None)
+            g = grads.take(i)
             if g is None:
                 continue
-            if i not in owned:
-                g = g.copy()
+            ins = [self._acts[k] for k in layer.inputs]
             with limit_threads(self._threads(layer, g.shape[0])):
-                for src, gin in self._backward_layer(layer, g):
-                    add(src, gin, take=True)
+                for src, gin in layer_type(layer).engine.backward(self, layer, g, self._saved[i], ins,
+                                                                  self._acts[i], self._params(layer)):
+                    grads.add(src, gin, take=True)
             # every reader of this output came later in the graph and is done: free what only backward needed
             self._acts.pop(i, None)
             self._saved.pop(i, None)
             self._pre.pop(i, None)
-        self._acts, self._saved, self._pre = {}, {}, {}
+        self._reset_pass()
 
-    def _backward_layer(self, layer: Layer, g: np.ndarray):
-        """Yield (producer index, dL/d(producer output)) pairs; record parameter gradients in self._grads."""
-        a = layer.attrs
-        t = layer.type
-        i = layer.index
-        saved = self._saved[i]
-        out = self._acts[i]
-        ins = [self._acts[k] for k in layer.inputs]
-        x = ins[0]
-        p = self._params(layer)
-        first = layer.inputs[0] < 0
-        if t == "convolutional":
-            g = self._act_backward(i, g, a["activation"])
-            grads = {}
-            if a["batch_normalize"]:
-                g, grads["scales"], grads["biases"] = self._bn_backward(saved[0], g, p)
-            gx, gw, gb = conv.conv2d_backward(x, p["weights"], g, a["stride_x"], a["stride_y"],
-                                              a["pad"] * a["dilation"], a["dilation"], a["groups"],
-                                              need_grad_x=not first)
-            grads["weights"] = gw
-            if not a["batch_normalize"]:
-                grads["biases"] = gb
-            self._record(a["share"] if a["share"] is not None else i, grads)
-            if gx is not None:
-                yield layer.inputs[0], gx
-            return
-        if t == "connected":
-            g = self._act_backward(i, g, a["activation"])
-            n = g.shape[0]
-            g2 = np.ascontiguousarray(g.reshape(n, -1))
-            cache, z = saved
-            if cache is not None:
-                gx, gw, gb, gs = connected_backward(g2, p["weights"], cache,
-                                                    p["scales"] if a["batch_normalize"] else None,
-                                                    need_grad_x=not first)
-            else:
-                gz, gs, gb = batchnorm_backward_inference(g2, z, p["scales"], p["rolling_mean"],
-                                                          p["rolling_variance"])
-                x2 = x.reshape(n, -1)
-                gw = gz.T @ x2
-                gx = (gz @ p["weights"]).reshape(x.shape) if not first else None
-            grads = {"weights": gw, "biases": gb}
-            if a["batch_normalize"]:
-                grads["scales"] = gs
-            self._record(i, grads)
-            if gx is not None:
-                yield layer.inputs[0], gx
-            return
-        if t == "batchnorm":
-            gx, gs, gb = self._bn_backward(saved, g, p)
-            grads = {"scales": gs}
-            if "biases" in p:
-                grads["biases"] = gb
-            self._record(i, grads)
-            yield layer.inputs[0], gx
-            return
-        if t == "maxpool":
-            yield layer.inputs[0], pool.maxpool_backward(g, saved[0], x.shape)
-            return
-        if t == "local_avgpool":
-            yield layer.inputs[0], pool.local_avgpool_backward(g, x.shape, a["size"], a["stride_x"], a["stride_y"],
-                                                               a["padding"])
-            return
-        if t == "avgpool":
-            yield layer.inputs[0], pool.avgpool_backward(g, x.shape)
-            return
-        if t == "route":
-            parts = route.route_backward(g, [v.shape for v in ins], a["groups"], a["group_id"])
-            yield from zip(layer.inputs, parts)
-            return
-        if t == "shortcut":
-            g = self._act_backward(i, g, a["activation"])
-            weights = p.get("weights") if a["nweights"] else None
-            gp, gfs, gw = shortcut.shortcut_backward(g, x, ins[1:], weights, a["weights_type"],
-                                                     a["weights_normalization"])
-            if gw is not None:
-                self._record(i, {"weights": gw})
-            yield layer.inputs[0], gp
-            yield from zip(layer.inputs[1:], gfs)
-            return
-        if t == "upsample":
-            yield layer.inputs[0], upsample.upsample_backward(g, x.shape, a["stride"], a["scale"])
-            return
-        if t == "reorg":
-            yield layer.inputs[0], reorg.reorg_backward(g, x.shape, a["stride"], bool(a["reverse"]))
-            return
-        if t == "reorg3d":
-            yield layer.inputs[0], reorg.reorg3d_backward(g, x.shape, a["stride"], bool(a["reverse"]))
-            return
-        if t == "softmax":
-            yield layer.inputs[0], softmax.softmax_backward(g, out, a["groups"], a["temperature"], bool(a["spatial"]))
-            return
-        if t == "dropout":
-            yield layer.inputs[0], dropout_kernels.dropout_backward(g, saved[0])
-            return
-        if t in ("empty", "cost", "contrastive"):
-            yield layer.inputs[0], g
-            return
-        if t == "activation":
-            yield layer.inputs[0], self._act_backward(i, g, a["activation"])
-            return
-        if t == "scale_channels":
-            g = self._act_backward(i, g, a["activation"])
-            gp, gf = scale_channels.scale_channels_backward(g, x, ins[1], bool(a["scale_wh"]))
-            yield layer.inputs[0], gp
-            yield layer.inputs[1], gf
-            return
-        if t == "sam":
-            g = self._act_backward(i, g, a["activation"])
-            gp, gf = sam.sam_backward(g, x, ins[1])
-            yield layer.inputs[0], gp
-            yield layer.inputs[1], gf
-            return
-        if t == "yolo":
-            yield layer.inputs[0], yolo.yolo_backward(g, out, len(a["mask"]), a["classes"], a["scale_x_y"],
-                                                      bool(a["new_coords"]))
-            return
-        if t == "region":
-            yield layer.inputs[0], yolo.region_backward(g, out, a["num"], a["classes"], a["coords"],
-                                                        bool(a["softmax"]))
-            return
-        if t == "crop":
-            yield layer.inputs[0], crop_kernels.crop_backward(g, x.shape, saved[0], bool(a["noadjust"]))
-            return
-        raise DarkpruneError(f"{layer.where()}: no backward pass for [{layer.section.header}]")
-
-    def _act_backward(self, index: int, g: np.ndarray, act: str) -> np.ndarray:
-        """dL/d(pre-activation) of layer `index` from dL/d(its output), in place in g (owned by the caller)."""
-        if act == "linear":
-            return g
-        g = np.ascontiguousarray(g)
-        out = self._acts[index]
-        x_in = out if act in _FROM_OUTPUT else self._pre[index]
-        return activations.activation_backward(x_in, out, g, act, out=g)
-
-    def _bn_backward(self, saved, g: np.ndarray, p: dict):
-        mode, state = saved
-        if mode == "train":
-            return batchnorm_backward_train(g, state, p["scales"])
-        return batchnorm_backward_inference(g, state, p["scales"], p["rolling_mean"], p["rolling_variance"])
-
-    def _record(self, index: int, grads: dict[str, np.ndarray]) -> None:
-        mine = self._grads.setdefault(index, {})
-        for name, value in grads.items():
-            value = np.ascontiguousarray(value, dtype=self.dtype)
-            if name in mine:
-                mine[name] = mine[name] + value       # a shared (share_index) conv: both users' gradients
-            else:
-                mine[name] = value
+    def _stop_layer(self, iteration: int | None) -> int:
+        """The last layer backward does not reach (-1: none): the latest `stopbackward` in force."""
+        stop = -1
+        for index, value in self.stop_backward.items():
+            if value == 1 or (iteration is not None and value > iteration):
+                stop = max(stop, index)
+        return stop
 
     def gradients(self) -> dict[int, dict[str, np.ndarray]]:
         """Parameter gradients of the last backward: {layer index: {name: dL/dparam}}, for every trainable array

@@ -44,11 +44,12 @@ from pathlib import Path
 
 import numpy as np
 
+from ..darknet.heads import is_detector
 from ..darknet.model import Model
 from ..engine.blas import limit_threads
 from ..errors import DarkpruneError
 from . import losses
-from .backprop import HEAD_TYPES, TrainBatch, TrainingNetwork, classifier_loss, detector_loss, trainable_parameters
+from .backprop import TrainBatch, TrainingNetwork, classifier_loss, detector_loss, trainable_parameters
 from .checkpoint import latest_checkpoint, load_parameters, read_checkpoint, remove_checkpoints, write_checkpoint
 from .optimizer import DarknetSGD
 from .schedule import LearningRateSchedule
@@ -169,7 +170,7 @@ class TrainingLoop:
         self.batches = batches
         self.settings = settings
         self.hooks = list(hooks)
-        self.detector = any(layer.type in HEAD_TYPES for layer in model.graph)
+        self.detector = is_detector(model.graph)
         self.start = 0
         self.seen = 0
         self.avg_loss: float | None = None
