@@ -39,9 +39,9 @@ from ..darknet.model import Model
 from ..engine.network import Network
 from ..errors import DarkpruneError, SettingError
 from ..util.jsonio import write_json
-from .criteria import CRITERIA, channels_to_prune
+from .criteria import channels_to_prune, check_criterion
 from .groups import CROSS_CHANNEL_ACTIVATIONS, NONZERO_AT_ZERO, Group, Grouping, build_grouping
-from .masks import structure_fingerprint
+from .masks import masked_group_arrays, structure_fingerprint
 from .variants import Measure, PrefixCache
 
 FORMAT = "darkprune-sensitivity"
@@ -294,7 +294,7 @@ def masked_overrides(model: Model, group: Group, channels: np.ndarray,
     them (members' filters, biases and batch-norm rows, standalone batch norms, per-channel shortcut weights and
     the input columns of every reader). Only those layers are copied."""
     grouping = grouping if grouping is not None else build_grouping(model.graph)
-    return group.masked_arrays(model, channels, grouping)
+    return masked_group_arrays(model, group, channels, grouping)
 
 
 def divergence_layer(grouping: Grouping, group: Group) -> tuple[int, set[int]]:
@@ -447,8 +447,7 @@ def analyze(model: Model, data, rates=DEFAULT_RATES, criterion: str = "l1", limi
 def _check_settings(rates, criterion, divisible, shard, batch):
     """The analysis settings checked and normalised: (rates, divisible, shard, batch)."""
     rates = _check_rates(rates)
-    if criterion not in CRITERIA:
-        raise SettingError("criterion", f"criterion {criterion}: expected one of {', '.join(CRITERIA)}")
+    check_criterion(criterion)
     divisible = int(divisible)
     if divisible < 1:
         raise SettingError("divisible", f"divisible {divisible}: must be a whole number >= 1")
@@ -487,7 +486,7 @@ class _Run:
         futures = {}
         for rate in sens.rates:
             chans = channels_to_prune(scores, rate, sens.divisible)
-            variant = self.network.variant(group.masked_arrays(self.model, chans, self.grouping))
+            variant = self.network.variant(masked_group_arrays(self.model, group, chans, self.grouping))
             forward = None
             if self.prefix_cache:
                 zero = _zero_positions(self.grouping, group, chans, self.prefix.need(position), zeroed_layers)

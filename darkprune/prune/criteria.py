@@ -13,20 +13,30 @@ import numpy as np
 
 from ..darknet.model import Model
 from ..errors import SettingError
-from .groups import CRITERIA, Group, Grouping, build_grouping
+
+CRITERIA = ("l1", "bn")
 
 
-def channel_scores(model: Model, group: Group, criterion: str = "l1") -> np.ndarray:
+def check_criterion(criterion: str) -> str:
+    """`criterion` itself when it is one of CRITERIA, else a SettingError naming the choices."""
+    if criterion not in CRITERIA:
+        raise SettingError("criterion", f"criterion {criterion}: expected one of {', '.join(CRITERIA)}")
+    return criterion
+
+
+def member_scores(arrays: dict, channels: np.ndarray, criterion: str) -> np.ndarray:
+    """One group member's contribution to its group's channel scores: |gamma| of `channels` for `bn` when the layer
+    has batch norm, else the L1 norm of each of those filters (rows of a connected layer)."""
+    if criterion == "bn" and "scales" in arrays:
+        return np.abs(arrays["scales"][channels].astype(np.float64))
+    w = arrays["weights"][channels].astype(np.float64)
+    return np.abs(w).reshape(len(channels), -1).sum(axis=1)
+
+
+def channel_scores(model: Model, group, criterion: str = "l1") -> np.ndarray:
     """Importance of each of the group's channels (float64, length group.channels); low = pruned first. The group
     scores itself (Group.scores); this is the functional spelling."""
     return group.scores(model, criterion)
-
-
-def group_scores(model: Model, criterion: str = "l1", prunable_only: bool = True,
-                 grouping: Grouping | None = None) -> dict[int, np.ndarray]:
-    """channel_scores for every (prunable) group of `grouping` (built for the model's graph when not given)."""
-    grouping = grouping if grouping is not None else build_grouping(model.graph)
-    return {g.id: g.scores(model, criterion) for g in grouping.groups if g.prunable or not prunable_only}
 
 
 def kept_count(channels: int, rate: float, divisible: int = 1) -> int:
@@ -60,4 +70,4 @@ def channels_to_prune(scores, rate: float, divisible: int = 1) -> np.ndarray:
     return np.sort(order[: n - keep]).astype(np.int64)
 
 
-__all__ = ["CRITERIA", "channel_scores", "group_scores", "kept_count", "channels_to_prune"]
+__all__ = ["CRITERIA", "check_criterion", "member_scores", "channel_scores", "kept_count", "channels_to_prune"]

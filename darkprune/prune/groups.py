@@ -32,8 +32,9 @@ A `Group` then collects the connected components that have the same make-up (the
 channels from each), so the usual group is "channel i of conv A, of conv B and of conv C, for i in 0..n-1". Its
 `parts` say which channel of which member each group channel is (a member appears twice when a route slices it in
 halves), and `consumers` which layers read the channels and at which of their input channels. A group scores its
-channels (`scores`, the criteria), gives the masks that prune some of them (`masks`, `masked_arrays`) and the model
-without them (`sliced`).
+channels (`scores`, the criteria), picks the channels a rate prunes (`channels_at`), names its masks (`masks`) and
+the layers masking it changes (`affected_layers`); masks.py applies and transform.py removes them (both import
+this module, never the other way round, so the pruning modules form no import circle).
 
 What each layer type does to channels (makes them, passes them on, ties its operands, keeps them all as a head, mixes
 them) is read from the layer-type table (darknet/layer_types.py), never from type names here. `build_grouping`
@@ -49,6 +50,7 @@ import numpy as np
 from ..darknet.graph import Graph, Layer
 from ..darknet.layer_types import HEAD, MIXER, PRODUCER, layer_type, passes_channels_through, role
 from ..errors import DarkpruneError, SettingError
+from .criteria import CRITERIA, channels_to_prune, check_criterion, member_scores  # noqa: F401 (CRITERIA re-exported)
 
 # Darknet's elementwise activations that are not 0 at 0 (every other one is: linear, leaky, relu, mish, swish, ...).
 NONZERO_AT_ZERO = {"logistic": 0.5, "plse": 0.5}
@@ -56,7 +58,6 @@ NONZERO_AT_ZERO = {"logistic": 0.5, "plse": 0.5}
 CROSS_CHANNEL_ACTIVATIONS = {"normalize_channels", "normalize_channels_softmax", "normalize_channels_softmax_maxval"}
 
 INPUT = -1      # the network input's node id
-CRITERIA = ("l1", "bn")
 
 
 @dataclass
@@ -107,49 +108,26 @@ class Group:
         L1 norm of each filter (a conv's weights[i], a connected layer's row i), summed over the members (a member
         that a route slices in halves counts once per slice); `bn`: |gamma| (batch-norm `scales`) of the members
         that have batch norm, the filter L1 norm of those that do not."""
-        if criterion not in CRITERIA:
-            raise SettingError("criterion", f"criterion {criterion}: expected one of {', '.join(CRITERIA)}")
+        check_criterion(criterion)
         scores = np.zeros(self.channels, dtype=np.float64)
         for part in self.parts:
             arrays = model.params.get(part.layer)
             if not arrays:          # a conv sharing another's weights (never prunable): nothing to score
                 continue
-            scores += _member_scores(arrays, part.channels, criterion)
+            scores += member_scores(arrays, part.channels, criterion)
         return scores
 
     def channels_at(self, model, rate: float, criterion: str = "l1", divisible: int = 1) -> np.ndarray:
         """The channels pruning `rate` of the group removes: the lowest-scoring ones (criteria.channels_to_prune)."""
-        from .criteria import channels_to_prune
         return channels_to_prune(self.scores(model, criterion), rate, divisible)
 
     def masks(self, channels) -> dict[int, np.ndarray]:
         """The masks that prune `channels` of this group alone ({group id: channels}, as apply_masks takes)."""
         return {self.id: np.asarray(channels, dtype=np.int64)}
 
-    def masked_arrays(self, model, channels, grouping: "Grouping") -> dict[int, dict[str, np.ndarray]]:
-        """The arrays of the layers that masking `channels` changes (the members and the layers reading the
-        channels), exactly as apply_masks changes them; only those layers are copied."""
-        from ..darknet.model import Model
-        from .masks import apply_masks
-        sub = Model(model.cfg, model.graph, {i: model.params[i] for i in self.affected_layers() if i in model.params},
-                    model.header)
-        return apply_masks(sub, self.masks(channels), grouping=grouping).params
-
-    def sliced(self, model, channels, grouping: "Grouping"):
-        """The smaller model without `channels` of this group (transform of its masks)."""
-        from .transform import transform
-        return transform(model, self.masks(channels), grouping=grouping)
-
     def affected_layers(self) -> list[int]:
         """Layers whose parameters masking the group may change: its members and the layers reading its channels."""
         return sorted({p.layer for p in self.parts} | {c.layer for c in self.consumers})
-
-
-def _member_scores(arrays: dict, channels: np.ndarray, criterion: str) -> np.ndarray:
-    if criterion == "bn" and "scales" in arrays:
-        return np.abs(arrays["scales"][channels].astype(np.float64))
-    w = arrays["weights"][channels].astype(np.float64)
-    return np.abs(w).reshape(len(channels), -1).sum(axis=1)
 
 
 def describe_groups(groups: list[Group], graph: Graph | None = None) -> str:

@@ -232,6 +232,14 @@ def apply_masks(model: Model, masks, exclude=(), grouping: Grouping | None = Non
     return out
 
 
+def masked_group_arrays(model: Model, group, channels, grouping: Grouping) -> dict[int, dict[str, np.ndarray]]:
+    """The arrays of the layers that masking `channels` of `group` alone changes (its members and the layers reading
+    the channels), exactly as apply_masks changes them; only those layers are copied."""
+    sub = Model(model.cfg, model.graph, {i: model.params[i] for i in group.affected_layers() if i in model.params},
+                model.header)
+    return apply_masks(sub, group.masks(channels), grouping=grouping).params
+
+
 def _clear(array: np.ndarray, axis: int, index: np.ndarray, value: float) -> None:
     view = np.moveaxis(array, axis, 0)
     view[index] = value

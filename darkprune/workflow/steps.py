@@ -78,10 +78,8 @@ def _merge_ana(s: Settings, model, log):
 
 
 def check_criterion(criterion: str) -> str:
-    from ..prune.criteria import CRITERIA
-    if criterion not in CRITERIA:
-        raise SettingError("criterion", f"criterion {criterion}: expected one of {', '.join(CRITERIA)}")
-    return criterion
+    from ..prune.criteria import check_criterion as check
+    return check(criterion)
 
 
 def _analyse(s: Settings, model, inputs, progress, log):
