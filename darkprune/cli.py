@@ -126,6 +126,7 @@ from . import cli_run  # noqa: E402,F401  (registers `run` and `eval`)
 from . import cli_prune  # noqa: E402,F401  (registers `ana`, `prune`, `transform`, `sweep`)
 from . import cli_train  # noqa: E402,F401  (registers `finetune`)
 from . import cli_compress  # noqa: E402,F401  (registers `compress`, `decompress`)
+from . import cli_export  # noqa: E402,F401  (registers `export`)
 
 
 if __name__ == "__main__":

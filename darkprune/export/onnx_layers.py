@@ -10,7 +10,7 @@ Semantics worth knowing (see DESIGN.md and the engine's modules):
 - maxpool: the window starts at -(padding // 2), so with an odd `padding` the extra cell is right/bottom; padded
   cells never win (ONNX MaxPool ignores pads, Darknet reads -FLT_MAX). local_avgpool averages in-image cells only.
 - route slices each source's channel group (groups/group_id) and concatenates; shortcut adds the `from` outputs,
-  cut or zero-padded to the previous layer's channels as Darknet's flat-prefix addition does for equal H, W.
+  a differently shaped one over the flat C*H*W prefix both share (AlexeyAB's rule, the engine's).
 - softmax runs over each of `groups` contiguous slices of C*H*W (divided by the temperature), or over channels
   per position with spatial=1.
 """
@@ -58,10 +58,6 @@ def refusal(layer: Layer, graph) -> str | None:
     if layer.type == "shortcut":
         if a["weights_type"] != "none":
             return f"weighted shortcuts (weights_type={a['weights_type']})"
-        for src in a["from_layers"]:
-            fc, fh, fw = graph[src].out_shape
-            if (fh, fw) != layer.in_shape[1:]:
-                return f"a shortcut adding layer {src}'s {fw}x{fh} output onto {layer.in_shape[2]}x{layer.in_shape[1]}"
     if layer.type == "upsample" and a["stride"] < 0:
         return "downsampling [upsample] (negative stride)"
     if layer.type == "reorg3d" and a["reverse"]:
@@ -193,15 +189,23 @@ def _route(b, layer, ins, *_):
 
 def _shortcut(b, layer, ins, *_):
     c, h, w = layer.in_shape
+    stem = layer.name
     y = ins[0]
     for src, name in zip(layer.inputs[1:], ins[1:]):
-        fc = b.shapes[src][0]
-        if fc > c:
-            name = b.slice(name, 1, 0, c, layer.name)
-        elif fc < c:
-            name = b.op("Pad", [name, b.ints([0, 0, 0, 0, 0, c - fc, 0, 0])], layer.name)
-        y = b.add(y, name, layer.name)
-    return activation(b, y, layer.attrs["activation"], layer.name)
+        shape = b.shapes[src]
+        if shape == (c, h, w):
+            y = b.add(y, name, stem)
+            continue
+        # AlexeyAB's shortcut adds a differently shaped input over the flat C*H*W prefix both share (the engine's
+        # rule; for equal H, W that is the first channels)
+        size, other = c * h * w, shape[0] * shape[1] * shape[2]
+        flat = b.reshape(name, [0, -1], stem)
+        if other > size:
+            flat = b.slice(flat, 1, 0, size, stem)
+        elif other < size:
+            flat = b.op("Pad", [flat, b.ints([0, 0, 0, size - other])], stem)
+        y = b.add(y, b.reshape(flat, [0, c, h, w], stem), stem)
+    return activation(b, y, layer.attrs["activation"], stem)
 
 
 def _upsample(b, layer, ins, *_):
