@@ -76,17 +76,24 @@ def _output_layers(model: Model) -> list[int]:
 
 
 def build_onnx(model: Model, *, decode_boxes: bool = False, opset: int = DEFAULT_OPSET,
-               bn_eps: float = DARKNET_BN_EPS):
-    """The ONNX ModelProto of `model` (see the module docstring); refuses uncovered layers with one line."""
+               bn_eps: float = DARKNET_BN_EPS, outputs: list[int] | None = None):
+    """The ONNX ModelProto of `model` (see the module docstring); refuses uncovered layers with one line.
+    `outputs`: the layers whose outputs the graph returns (default: those the engine's network returns)."""
     onnx = require_onnx()
     opset = _check_opset(onnx, opset)
     reason = onnx_refusal(model)
     if reason is not None:
         raise DarkpruneError(reason)
     graph = model.graph
-    outputs = _output_layers(model)
+    outputs = _output_layers(model) if outputs is None else sorted({int(i) for i in outputs})
+    for index in outputs:
+        if not 0 <= index < len(graph):
+            raise SettingError("outputs", f"layer {index} is not in {_cfg_name(model)} (0..{len(graph) - 1})")
     heads = [layer for layer in graph if layer.type in HEAD_TYPES]
     if decode_boxes:
+        missing = [layer.index for layer in heads if layer.index > max(outputs)]
+        if missing:
+            outputs = sorted(set(outputs) | set(missing))
         if not heads:
             raise SettingError("decode_boxes", f"{_cfg_name(model)} has no [yolo] or [region] head: there are no "
                                                f"boxes to decode")
@@ -174,11 +181,12 @@ def _cfg_name(model: Model) -> str:
 
 
 def export_onnx(model: Model, path: str | os.PathLike, *, decode_boxes: bool = False, opset: int = DEFAULT_OPSET,
-                bn_eps: float = DARKNET_BN_EPS, check: bool = True) -> dict:
+                bn_eps: float = DARKNET_BN_EPS, check: bool = True, outputs: list[int] | None = None) -> dict:
     """Write `model` as an ONNX file at `path` (temp file + rename; never over the model's cfg or weights).
-    `check` runs onnx.checker on the result first. Returns what was written (path, opset, inputs, outputs...)."""
+    `check` runs onnx.checker on the result first; `outputs` as in build_onnx. Returns what was written (path,
+    opset, inputs, outputs...)."""
     onnx = require_onnx()
-    proto = build_onnx(model, decode_boxes=decode_boxes, opset=opset, bn_eps=bn_eps)
+    proto = build_onnx(model, decode_boxes=decode_boxes, opset=opset, bn_eps=bn_eps, outputs=outputs)
     size = proto.ByteSize()
     if size > MAX_BYTES:
         raise DarkpruneError(f"{_cfg_name(model)}: the ONNX file would hold {size / 2 ** 30:.1f} GiB, over "
