@@ -44,7 +44,7 @@ def cmd_export(args) -> int:
 
 
 def _add_parsers(sub) -> None:
-    from .export.onnx import DEFAULT_OPSET, MIN_OPSET
+    from .export import DEFAULT_OPSET, MIN_OPSET
     p = sub.add_parser(
         "export", help="a Darknet model to ONNX (ONNX Runtime, OpenCV 5, TensorRT, OpenVINO, ncnn)",
         formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -28,12 +28,11 @@ from ..darknet.cfg import atomic_write_bytes
 from ..darknet.model import Model
 from ..engine.network import DARKNET_BN_EPS
 from ..errors import DarkpruneError, SettingError
+from . import DEFAULT_OPSET, MIN_OPSET
 from .graph_builder import GraphBuilder
 from .onnx_heads import HEAD_TYPES, emit_decode, emit_head
 from .onnx_layers import EMITTERS, refusal
 
-DEFAULT_OPSET = 17
-MIN_OPSET = 13          # Softmax over one axis, Slice/Clip/Pad with tensor inputs, Resize with scales
 INPUT_NAME = "input"
 BATCH = "batch"
 # protobuf refuses to serialise a message over 2 GiB; keep a margin for the graph itself
