@@ -505,6 +505,11 @@ def test_cli_export_json_quiet_and_never_over_an_input(tmp_path, capsys):
     code, stdout, stderr = run_cli(capsys, "export", asset("cfg", "yolov3-tiny_xnor.cfg"), "-o", tmp_path / "x.onnx")
     assert code == 1 and "layer 2 [convolutional]: ONNX export does not cover binary" in stderr
 
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    code, stdout, stderr = run_cli(capsys, "export", BUNDLED_CFG, BUNDLED_WEIGHTS, "-o", blocker / "m.onnx")
+    assert code == 1 and "a_file" in stderr and stderr.count("\n") == 1 and "Traceback" not in stderr
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # a transformed model keeps its mAP through ONNX Runtime
