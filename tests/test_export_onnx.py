@@ -10,6 +10,7 @@ against OpenCV's Darknet importer and the Darknet binary) tests.
 from __future__ import annotations
 
 import json
+import os
 import time
 import warnings
 from pathlib import Path
@@ -19,7 +20,6 @@ import pytest
 
 import darkprune as dp
 from darkprune.darknet import Model, read_cfg
-from darkprune.darknet.cfg import parse_cfg_text
 from darkprune.darknet.graph import build_graph
 from darkprune.engine.decode import yolo_detections, region_detections
 from darkprune.engine.network import Network
@@ -36,6 +36,9 @@ TOL = 1e-4
 # cfgs with more parameters than this run only with the slow tests (building, checking and loading a few hundred MB
 # of random weights takes 5-60 s each); every layer type and feature they use also occurs in a lighter cfg
 LIGHT_PARAMS = 12_000_000
+# and over this many (the cspx-p7 cfgs: 159-277 M) only on request, DARKPRUNE_TEST_HUGE=1: the random weights, the
+# ONNX file, the runtime's and the engine's copies then need over 8 GB; their layer types all occur in lighter cfgs
+HUGE_PARAMS = 150_000_000
 # the cfgs whose layer types the exporter does not cover (or our engine does not run), with the reason it gives
 REFUSED = {
     "Gaussian_yolov3_BDD.cfg": "layer 82 [Gaussian_yolo]: ONNX export does not cover [Gaussian_yolo] layers",
@@ -82,24 +85,38 @@ def _session(path_or_bytes):
                                 options, providers=["CPUExecutionProvider"])
 
 
-def _squashed_scales(model: Model, x: np.ndarray, outputs: list[int]) -> dict[int, float]:
+def _squashed_scales(model: Model, network: Network, x: np.ndarray, outputs: list[int]) -> dict[int, float]:
     """For outputs that are a logistic's (a logistic conv, or a [yolo] head with new_coords=1 right after one):
-    0.25 x the pre-activation's scale, measured by our engine on the same model with that activation linear. A
-    logistic's slope is at most 1/4: float32 differences in the large pre-activations of random deep networks move
-    saturated outputs by more than 1e-4 of their (0..1) scale without anything being wrong."""
+    0.25 x the pre-activation's scale, computed by our engine's conv kernel without the activation. A logistic's
+    slope is at most 1/4: float32 differences in the large pre-activations of random deep networks move saturated
+    outputs by more than 1e-4 of their (0..1) scale without anything being wrong."""
+    from darkprune.engine.conv import fold_batchnorm, prepare_conv2d
     targets = {}
     for index in outputs:
         layer = model.graph[index]
         conv = layer.inputs[0] if layer.type == "yolo" and layer.attrs["new_coords"] else index
-        if conv >= 0 and model.graph[conv].attrs.get("activation") == "logistic":
+        if conv >= 0 and model.graph[conv].attrs.get("activation") == "logistic" \
+                and model.graph[conv].type == "convolutional":
             targets[index] = conv
     if not targets:
         return {}
-    linear = parse_cfg_text(model.cfg.text(), model.cfg.path)    # a copy to edit
-    for conv in set(targets.values()):
-        linear.layers[conv].set("activation", "linear")
-    pre = Network(Model.from_cfg(linear, params=model.params)).forward(x, outputs=sorted(set(targets.values())))
-    return {index: 0.25 * float(np.abs(pre[conv]).max()) for index, conv in targets.items()}
+    feeds = network.forward(x, outputs=sorted({model.graph[c].inputs[0] for c in targets.values()}))
+    scales = {}
+    for index, conv in targets.items():
+        a = model.graph[conv].attrs
+        p = model.params[conv if a["share"] is None else a["share"]]
+        w, bias = p["weights"], p["biases"]
+        if a["batch_normalize"]:
+            w, bias = fold_batchnorm(w, bias, p["scales"], p["rolling_mean"], p["rolling_variance"], 1e-5)
+        plan = prepare_conv2d(w, bias, a["stride_x"], a["stride_y"], a["pad"] * a["dilation"], a["dilation"],
+                              a["groups"], activation="linear")
+        scales[index] = 0.25 * float(np.abs(plan.forward(feeds[model.graph[conv].inputs[0]])).max())
+    return scales
+
+
+def _onnx_outputs(path: Path, x: np.ndarray) -> list[np.ndarray]:
+    session = _session(path)
+    return session.run(None, {"input": x})      # the session (a copy of every weight) goes when this returns
 
 
 def _compare(model: Model, tmp_path: Path, x: np.ndarray, name: str) -> float:
@@ -112,9 +129,10 @@ def _compare(model: Model, tmp_path: Path, x: np.ndarray, name: str) -> float:
     info = export_onnx(model, path, outputs=layers)
     onnx.checker.check_model(str(path))
     assert [o["layer"] for o in info["outputs"]] == layers
-    got = _session(path).run(None, {"input": x})
-    want = Network(model).forward(x, outputs=layers)
-    squashed = _squashed_scales(model, x, layers)
+    got = _onnx_outputs(path, x)
+    network = Network(model)
+    want = network.forward(x, outputs=layers)
+    squashed = _squashed_scales(model, network, x, layers)
     worst = 0.0
     for index, g in zip(layers, got):
         w = want[index]
@@ -136,6 +154,9 @@ def _case(path: Path):
             params = 0
     if params > LIGHT_PARAMS:
         marks.append(pytest.mark.slow)
+    if params > HUGE_PARAMS and os.environ.get("DARKPRUNE_TEST_HUGE") != "1":
+        marks.append(pytest.mark.skip(reason=f"{params / 1e6:.0f} M parameters: set DARKPRUNE_TEST_HUGE=1 (needs "
+                                             f"over 8 GB of memory)"))
     return pytest.param(path, marks=marks, id=path.name)
 
 
