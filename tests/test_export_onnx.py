@@ -33,11 +33,12 @@ ort = pytest.importorskip("onnxruntime", reason="ONNX export tests need onnxrunt
 from darkprune.export import build_onnx, export_onnx, onnx_refusal  # noqa: E402
 
 TOL = 1e-4
-# cfgs with more parameters than this run only with the slow tests (building, checking and loading a few hundred MB
-# of random weights takes 5-60 s each); every layer type and feature they use also occurs in a lighter cfg
+# cfgs with more parameters than this run only on request, DARKPRUNE_TEST_ONNX_ALL=1 (marked slow too): building,
+# checking and loading a few hundred MB of random weights takes 5-60 s each, over 10 minutes for the 40 of them,
+# and every layer type and option they use also occurs in a lighter cfg or in the small network below
 LIGHT_PARAMS = 12_000_000
-# and over this many (the cspx-p7 cfgs: 159-277 M) only on request, DARKPRUNE_TEST_HUGE=1: the random weights, the
-# ONNX file, the runtime's and the engine's copies then need over 8 GB; their layer types all occur in lighter cfgs
+# and over this many (the cspx-p7 cfgs: 159-277 M) only with DARKPRUNE_TEST_HUGE=1 as well: the random weights, the
+# ONNX file, the runtime's and the engine's copies then need over 8 GB
 HUGE_PARAMS = 150_000_000
 # the cfgs whose layer types the exporter does not cover (or our engine does not run), with the reason it gives
 REFUSED = {
@@ -154,6 +155,8 @@ def _case(path: Path):
             params = 0
     if params > LIGHT_PARAMS:
         marks.append(pytest.mark.slow)
+        if os.environ.get("DARKPRUNE_TEST_ONNX_ALL") != "1":
+            marks.append(pytest.mark.skip(reason=f"{params / 1e6:.0f} M parameters: set DARKPRUNE_TEST_ONNX_ALL=1"))
     if params > HUGE_PARAMS and os.environ.get("DARKPRUNE_TEST_HUGE") != "1":
         marks.append(pytest.mark.skip(reason=f"{params / 1e6:.0f} M parameters: set DARKPRUNE_TEST_HUGE=1 (needs "
                                              f"over 8 GB of memory)"))
@@ -190,10 +193,10 @@ def test_uncovered_cfgs_are_refused_with_one_line_naming_the_layer(name, tmp_pat
     assert not list(tmp_path.iterdir())
 
 
-# The layer options and activations no asset cfg uses, in one small network (input 32x32): dilation, standalone
-# [batchnorm] and [activation], both [reorg] directions, [reorg3d], [sam], [local_avgpool], upsample with scale,
-# shortcuts over differently shaped inputs (cut and zero-padded flat prefixes), batch-normalised [connected],
-# softmax with groups and temperature, and every activation the exporter maps.
+# The layer options and activations that no light asset cfg uses, in one small network (input 32x32): dilation,
+# standalone [batchnorm] and [activation], share_index, both [reorg] directions, [reorg3d], [sam], [local_avgpool],
+# upsample with scale, shortcuts over differently shaped inputs (cut and zero-padded flat prefixes), batch-normalised
+# [connected], softmax with groups and temperature, and every activation the exporter maps.
 ZOO_CFG = """
 [net]
 width=32
@@ -306,6 +309,17 @@ activation=logistic
 from=21
 activation=revleaky
 
+[convolutional]
+filters=24
+size=1
+activation=leaky
+
+[convolutional]
+share_index=24
+filters=24
+size=1
+activation=linear
+
 [avgpool]
 
 [connected]
@@ -329,6 +343,7 @@ def test_every_option_and_activation_in_a_small_network(tmp_path):
     path = tmp_path / "zoo.cfg"
     path.write_text(ZOO_CFG)
     model = Model.from_cfg(parse_cfg_text(ZOO_CFG, str(path)), seed=6)
+    assert model.graph[25].attrs["share"] == 24 and 25 not in model.params
     used = {layer.attrs.get("activation") for layer in model.graph} - {None}
     assert used >= set(ACTIVATIONS) - {"leaky", "relu"}     # those two: in nearly every asset cfg
     rng = np.random.default_rng(7)
