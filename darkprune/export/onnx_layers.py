@@ -49,7 +49,8 @@ def refusal(layer: Layer, graph) -> str | None:
             return "binary (xnor=1) convolutions"
         c, h, w = layer.in_shape
         k, d, p = a["size"], a["dilation"], a["pad"] * a["dilation"]
-        onnx_hw = ((h + 2 * p - d * (k - 1) - 1) // a["stride_y"] + 1, (w + 2 * p - d * (k - 1) - 1) // a["stride_x"] + 1)
+        span = d * (k - 1) + 1
+        onnx_hw = ((h + 2 * p - span) // a["stride_y"] + 1, (w + 2 * p - span) // a["stride_x"] + 1)
         if onnx_hw != layer.out_shape[1:]:
             return (f"this dilated convolution (size={k}, dilation={d}, padding={a['pad']}): Darknet's output size "
                     f"{layer.out_shape[2]}x{layer.out_shape[1]} is not a convolution's")
