@@ -34,7 +34,7 @@ from darkprune.export import build_onnx, export_onnx, onnx_refusal  # noqa: E402
 
 TOL = 1e-4
 # cfgs with more parameters than this run only on request, DARKPRUNE_TEST_ONNX_ALL=1 (marked slow too): building,
-# checking and loading a few hundred MB of random weights takes 5-60 s each, over 10 minutes for the 40 of them,
+# checking and loading a few hundred MB of random weights takes 5-60 s each, some 20 minutes for the 53 of them,
 # and every layer type and option they use also occurs in a lighter cfg or in the small network below
 LIGHT_PARAMS = 12_000_000
 # and over this many (the cspx-p7 cfgs: 159-277 M) only with DARKPRUNE_TEST_HUGE=1 as well: the random weights, the
