@@ -85,6 +85,8 @@ def build_onnx(model: Model, *, decode_boxes: bool = False, opset: int = DEFAULT
         raise DarkpruneError(reason)
     graph = model.graph
     outputs = _output_layers(model) if outputs is None else sorted({int(i) for i in outputs})
+    if not outputs:
+        raise SettingError("outputs", "no output layers asked for")
     for index in outputs:
         if not 0 <= index < len(graph):
             raise SettingError("outputs", f"layer {index} is not in {_cfg_name(model)} (0..{len(graph) - 1})")
