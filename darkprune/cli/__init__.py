@@ -13,7 +13,7 @@ import warnings
 from .. import DarkpruneError, SettingError
 from ..util.progress import switch_off_progress
 # Each module registers its commands and parsers; this order is the order of `darkprune --help`.
-from . import info, run, prune, finetune, compress  # noqa: E402,F401,I001
+from . import info, run, prune, finetune, compress, export  # noqa: E402,F401,I001
 from .common import COMMANDS, build_parser, emit, setting_message
 
 __all__ = ["COMMANDS", "build_parser", "main"]
