@@ -76,7 +76,9 @@ def test_average_precision_loops_directly():
     recall = np.array([0.2, 0.2, 0.4, 0.4, 0.6, 0.6])
     precision = np.array([1, 1 / 2, 2 / 3, 1 / 2, 3 / 5, 1 / 2])
     assert average_precision(recall, precision, 0) == pytest.approx(0.45333333333)
-    assert average_precision(recall, precision, 11) == pytest.approx(0.50303030303)
+    assert average_precision(recall, precision, 11) == pytest.approx((3 + 4 / 3 + 0.6) / 11)  # 6 * 0.1 > 0.6
+    # recall 0.6 as an exact float is reached once the points are computed by division instead
+    assert average_precision(recall + 1e-12, precision, 11) == pytest.approx((3 + 4 / 3 + 1.2) / 11)
     assert average_precision(np.array([]), np.array([]), 0) == 0.0
 
 
