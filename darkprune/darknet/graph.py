@@ -11,8 +11,6 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass, field
 
-import numpy as np
-
 from ..errors import DarkpruneError
 from .cfg import Cfg, Section
 
@@ -84,13 +82,7 @@ class Graph:
 
     @property
     def total_bflops(self) -> float:
-        # As Darknet prints "Total BFLOPS" (parser.c): each positive layer figure stored as a float32 and added, in
-        # layer order, into a float32 total. A float64 sum differs in the last printed digit on big cfgs.
-        total = np.float32(0.0)
-        for layer in self.layers:
-            if layer.bflops > 0:
-                total = np.float32(total + np.float32(layer.bflops))
-        return float(total)
+        return float(sum(l.bflops for l in self.layers))
 
     @property
     def total_params(self) -> int:
