@@ -45,3 +45,11 @@ def real_model_pairs() -> list[tuple[Path, Path]]:
     if not pairs:
         pairs.append((BUNDLED_CFG, BUNDLED_WEIGHTS))
     return pairs
+
+
+@pytest.fixture(scope="session")
+def darknet():
+    """The real Darknet executable, built once into a cache folder outside the project (tests/darknet_binary.py);
+    the test is skipped, with the reason, when it cannot be built here (no compiler, no source)."""
+    from darknet_binary import darknet_binary
+    return darknet_binary()
