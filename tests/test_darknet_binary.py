@@ -185,7 +185,10 @@ def test_finetune_engine_darknet_trains_for_real(darknet, written_pairs, small_t
 DARKNET_TOTALS = {"yolov3-voc.cfg": "65.442", "yolov3-voc.yolov3-giou-40.cfg": "65.442", "yolov4.cfg": "128.459", "yolov3-tiny.cfg": "5.571",
                   "yolo-fastest-1.1.cfg": "0.252", "enet-coco.cfg": "3.731", "efficientnet_b0.cfg": "0.915",
                   "csresnext50-panet-spp.cfg": "71.344", "darknet53_448_xnor.cfg": "2.336",
-                  "densenet201.cfg": "10.850", "cspx-p7-mish.cfg": "1600.719"}
+                  "densenet201.cfg": "10.850"}
+
+
+SLOW_TO_LAY_OUT = {"yolov4.cfg", "csresnext50-panet-spp.cfg"}    # seconds each on a busy core: the fixed figures
 
 
 def info_total(cfg: Path) -> str:
@@ -210,8 +213,6 @@ def test_total_bflops_as_darknet_prints_it(name):
 
 
 def test_total_bflops_against_the_real_binary(darknet, tmp_path):
-    for name in sorted(DARKNET_TOTALS):
-        if name == "cspx-p7-mish.cfg":
-            continue                                             # 15 s for Darknet to lay out; the figure above
+    for name in sorted(set(DARKNET_TOTALS) - SLOW_TO_LAY_OUT):
         cfg = _cfg_path(name)
         assert total_bflops(darknet, cfg, tmp_path) == info_total(cfg), name
