@@ -112,3 +112,11 @@ def kernels(request, monkeypatch):
         monkeypatch.setattr(pool, "PARALLEL_MIN_WORK", 0)
         monkeypatch.setattr(yolo, "PARALLEL_MIN_SIZE", 0)
     return request.param
+
+
+@pytest.fixture(scope="session")
+def darknet():
+    """The real Darknet executable, built once into a cache folder outside the project (tests/darknet_binary.py);
+    the test is skipped, with the reason, when it cannot be built here (no compiler, no source)."""
+    from darknet_binary import darknet_binary
+    return darknet_binary()

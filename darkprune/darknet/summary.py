@@ -57,6 +57,17 @@ def layer_rows(model: Model) -> list[dict]:
     return rows
 
 
+def darknet_total_bflops(graph) -> float:
+    """The `Total BFLOPS` Darknet prints (parser.c): each positive layer figure stored as a float32 and added, in
+    layer order, into a float32 total. graph.total_bflops is the exact (float64) sum, for computing with; this
+    differs from it in the last printed digit on some big cfgs (yolov3-voc: 65.442, not 65.443)."""
+    total = np.float32(0.0)
+    for layer in graph.layers:
+        if layer.bflops > 0:
+            total = np.float32(total + np.float32(layer.bflops))
+    return float(total)
+
+
 def info_dict(model: Model, with_weights: bool) -> dict:
     rows = layer_rows(model)
     if not with_weights:
@@ -66,7 +77,7 @@ def info_dict(model: Model, with_weights: bool) -> dict:
     out = {
         "cfg": model.cfg_path, "weights": model.weights_path if with_weights else None,
         "input_shape": list(model.input_shape),
-        "total_bflops": round(model.graph.total_bflops, 6), "total_params": model.graph.total_params,
+        "total_bflops": round(darknet_total_bflops(model.graph), 6), "total_params": model.graph.total_params,
         "layers": rows,
     }
     if with_weights:
