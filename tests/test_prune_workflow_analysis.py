@@ -22,7 +22,7 @@ from darkprune.prune.analysis import (Sensitivity, _zero_positions, analyze, div
 from darkprune.prune.criteria import channel_scores, channels_to_prune
 from darkprune.prune.groups import build_grouping
 from darkprune.prune.masks import apply_masks
-from darkprune.prune.variants import zeroed
+from darkprune.prune.variants import zeroed as _zeroed
 
 from conftest import BUNDLED_CFG, BUNDLED_DATA, BUNDLED_WEIGHTS, asset, perturb_params
 from test_prune_workflow_exactness import _shrunk
@@ -145,7 +145,7 @@ def check_prefix_path(model, rng, max_groups=None, rates=(0.3, 0.7)) -> int:
             full = variant.forward(x, outputs=outs)
             reference = Network(apply_masks(model, {group.id: chans})).forward(x, outputs=outs)
             zero = _zero_positions(grouping, group, chans, need, zeroed)
-            cached = {i: (zeroed(base[i], zero[i]) if i in zero else base[i]) for i in need}
+            cached = {i: (_zeroed(base[i], zero[i]) if i in zero else base[i]) for i in need}
             later = [o for o in outs if o >= d]
             part = variant.forward(None, outputs=later, start=d, cached=cached) if later else {}
             part.update({o: cached[o] for o in outs if o < d})
