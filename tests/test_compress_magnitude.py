@@ -48,7 +48,7 @@ def test_parse_sparsity_and_clusters():
     assert parse_sparsity("conv1=0.33, conv2=0.8,ip1=0.9,ip2=0.8") == {"conv1": 0.33, "conv2": 0.8, "ip1": 0.9,
                                                                       "ip2": 0.8}
     assert parse_clusters("conv1=256,ip1=32") == {"conv1": 256, "ip1": 32}
-    with pytest.raises(DarkpruneError, match="--sparsity: conv1: sparse ratio 80 is outside"):
+    with pytest.raises(DarkpruneError, match="^sparsity: conv1: sparse ratio 80 is outside"):
         parse_sparsity("conv1=80")
     with pytest.raises(DarkpruneError, match="not a number"):
         parse_sparsity("conv1=abc")

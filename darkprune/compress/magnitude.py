@@ -133,17 +133,17 @@ _index_bits = _bounded_int(1, 16)
 _iterations = _bounded_int(0, 1 << 40)
 
 
-def parse_sparsity(text: str, where: str = "--sparsity") -> dict:
+def parse_sparsity(text: str, where: str = "sparsity") -> dict:
     """'conv1=0.33,conv2=0.8' -> {'conv1': 0.33, 'conv2': 0.8} (order kept)."""
     return _parse_pairs(text, where, _ratio, "sparse ratio")
 
 
-def parse_clusters(text: str, where: str = "--clusters") -> dict:
+def parse_clusters(text: str, where: str = "clusters") -> dict:
     """'conv1=256,ip1=32' -> {'conv1': 256, 'ip1': 32}."""
     return _parse_pairs(text, where, _cluster_count, "cluster count")
 
 
-def parse_index_bits(text: str, where: str = "--index-bits") -> dict:
+def parse_index_bits(text: str, where: str = "index_bits") -> dict:
     """'conv1=8,ip1=5' -> {'conv1': 8, 'ip1': 5}."""
     return _parse_pairs(text, where, _index_bits, "index bits")
 
@@ -158,12 +158,12 @@ def oneshot_schedule(sparsity: dict, finetune_iters: int) -> list:
 
 
 def parse_schedule(text: str, sparsity: dict | None = None, finetune_iters: int = 0,
-                   where: str = "--schedule") -> list:
+                   where: str = "schedule") -> list:
     """`layerwise`, `oneshot` (both need `sparsity`) or explicit steps 'a=0.5@1000;a=0.8,b=0.9' (see module doc)."""
     text = text.strip()
     if text in ("layerwise", "oneshot"):
         if not sparsity:
-            raise DarkpruneError(f"{where}: '{text}' needs the per-layer sparsity (--sparsity)")
+            raise DarkpruneError(f"{where}: '{text}' needs the per-layer sparsity (the sparsity setting)")
         steps = (layerwise_schedule if text == "layerwise" else oneshot_schedule)(sparsity, finetune_iters)
     else:
         steps = []

@@ -80,6 +80,24 @@ def build_onnx(model: Model, *, decode_boxes: bool = False, opset: int = DEFAULT
     `outputs`: the layers whose outputs the graph returns (default: those the engine's network returns)."""
     onnx = require_onnx()
     opset = _check_opset(onnx, opset)
+    outputs, heads = _checked_outputs(model, outputs, decode_boxes)
+    graph = model.graph
+    b = GraphBuilder(onnx)
+    # the graph's output names first, so no inner tensor takes them
+    for reserved in [graph[i].name for i in outputs] + ["boxes", "objectness", "scores", INPUT_NAME]:
+        b.fresh(reserved)
+    tensors, activated = _emit_layers(b, model, max(outputs), bn_eps)
+    graph_outputs, described = _layer_outputs(b, graph, outputs, tensors)
+    if decode_boxes:
+        decoded, decoded_described = _decode_outputs(b, graph, heads, activated)
+        graph_outputs += decoded
+        described += decoded_described
+    return _model_proto(b, model, graph_outputs, described, opset, bn_eps, heads, decode_boxes)
+
+
+def _checked_outputs(model: Model, outputs, decode_boxes: bool) -> tuple[list[int], list]:
+    """The sorted output layers (the heads added when their boxes are decoded) and the graph's heads; refuses a
+    model with an uncovered layer, unknown output layers, or boxes asked of a model without (compatible) heads."""
     reason = onnx_refusal(model)
     if reason is not None:
         raise DarkpruneError(reason)
@@ -102,15 +120,15 @@ def build_onnx(model: Model, *, decode_boxes: bool = False, opset: int = DEFAULT
         if len(classes) > 1:
             raise DarkpruneError(f"{_cfg_name(model)}: the heads predict different numbers of classes "
                                  f"({sorted(classes)}): their scores cannot be concatenated")
-    b = GraphBuilder(onnx)
-    # the graph's output names first, so no inner tensor takes them
-    for reserved in [graph[i].name for i in outputs] + ["boxes", "objectness", "scores", INPUT_NAME]:
-        b.fresh(reserved)
-    c, h, w = graph.input_shape
-    b.shapes[-1] = (c, h, w)
+    return outputs, heads
+
+
+def _emit_layers(b: GraphBuilder, model: Model, last_needed: int, bn_eps: float) -> tuple[dict, dict]:
+    """Every layer up to `last_needed` as ONNX nodes: ({layer: its output tensor}, {head: its activated tensor})."""
+    graph = model.graph
+    b.shapes[-1] = tuple(graph.input_shape)
     tensors: dict[int, str] = {-1: INPUT_NAME}
     activated: dict[int, str] = {}
-    last_needed = max(outputs)
     for layer in graph.layers[:last_needed + 1]:
         ins = [tensors[i] for i in layer.inputs]
         if layer.type in HEAD_TYPES:
@@ -119,38 +137,54 @@ def build_onnx(model: Model, *, decode_boxes: bool = False, opset: int = DEFAULT
             out = EMITTERS[layer.type](b, layer, ins, model.params.get(layer.index, {}), model.params, bn_eps)
         tensors[layer.index] = out
         b.shapes[layer.index] = layer.out_shape
+    return tensors, activated
 
-    helper = onnx.helper
-    f32 = onnx.TensorProto.FLOAT
+
+def _layer_outputs(b: GraphBuilder, graph, outputs: list[int], tensors: dict) -> tuple[list, list[dict]]:
+    """The graph outputs named after their layers (value infos, and their description for the metadata)."""
+    helper = b.onnx.helper
     graph_outputs, described = [], []
     for index in outputs:
         layer = graph[index]
         name = layer.name
         b.nodes.append(helper.make_node("Identity", [tensors[index]], [name], name=f"{name}.output"))
         shape = [BATCH, *layer.out_shape]
-        graph_outputs.append(helper.make_tensor_value_info(name, f32, shape))
+        graph_outputs.append(helper.make_tensor_value_info(name, b.onnx.TensorProto.FLOAT, shape))
         described.append({"name": name, "shape": shape, "layer": index, "type": layer.type})
-    if decode_boxes:
-        net_w, net_h = int(graph.net["width"]), int(graph.net["height"])
-        parts = [emit_decode(b, layer, activated[layer.index], net_w, net_h) for layer in heads]
-        boxes = b.concat([p[0] for p in parts], 1, "boxes.concat")
-        objectness = b.concat([p[1] for p in parts], 1, "objectness.concat")
-        scores = b.concat([p[2] for p in parts], 1, "scores.concat")
-        k = sum(layer.in_shape[1] * layer.in_shape[2] * _anchors(layer) for layer in heads)
-        classes = heads[0].attrs["classes"]
-        b.nodes.append(helper.make_node("Identity", [boxes], ["boxes"], name="boxes.output"))
-        b.nodes.append(helper.make_node("Squeeze", [objectness, b.ints([2])], ["objectness"],
-                                        name="objectness.output"))
-        b.nodes.append(helper.make_node("Identity", [scores], ["scores"], name="scores.output"))
-        for name, shape in (("boxes", [BATCH, k, 4]), ("objectness", [BATCH, k]), ("scores", [BATCH, k, classes])):
-            graph_outputs.append(helper.make_tensor_value_info(name, f32, shape))
-            described.append({"name": name, "shape": shape})
-    inputs = [helper.make_tensor_value_info(INPUT_NAME, f32, [BATCH, c, h, w])]
+    return graph_outputs, described
+
+
+def _decode_outputs(b: GraphBuilder, graph, heads: list, activated: dict) -> tuple[list, list[dict]]:
+    """`boxes`, `objectness` and `scores` over every head's candidates, in Darknet's candidate order."""
+    helper = b.onnx.helper
+    net_w, net_h = int(graph.net["width"]), int(graph.net["height"])
+    parts = [emit_decode(b, layer, activated[layer.index], net_w, net_h) for layer in heads]
+    boxes = b.concat([p[0] for p in parts], 1, "boxes.concat")
+    objectness = b.concat([p[1] for p in parts], 1, "objectness.concat")
+    scores = b.concat([p[2] for p in parts], 1, "scores.concat")
+    k = sum(layer.in_shape[1] * layer.in_shape[2] * _anchors(layer) for layer in heads)
+    classes = heads[0].attrs["classes"]
+    b.nodes.append(helper.make_node("Identity", [boxes], ["boxes"], name="boxes.output"))
+    b.nodes.append(helper.make_node("Squeeze", [objectness, b.ints([2])], ["objectness"], name="objectness.output"))
+    b.nodes.append(helper.make_node("Identity", [scores], ["scores"], name="scores.output"))
+    graph_outputs, described = [], []
+    for name, shape in (("boxes", [BATCH, k, 4]), ("objectness", [BATCH, k]), ("scores", [BATCH, k, classes])):
+        graph_outputs.append(helper.make_tensor_value_info(name, b.onnx.TensorProto.FLOAT, shape))
+        described.append({"name": name, "shape": shape})
+    return graph_outputs, described
+
+
+def _model_proto(b: GraphBuilder, model: Model, graph_outputs: list, described: list[dict], opset: int,
+                 bn_eps: float, heads: list, decode_boxes: bool):
+    """The ModelProto around the built nodes: input, outputs, opset, the oldest IR version for it, metadata."""
+    from .. import __version__
+    helper = b.onnx.helper
+    c, h, w = model.graph.input_shape
+    inputs = [helper.make_tensor_value_info(INPUT_NAME, b.onnx.TensorProto.FLOAT, [BATCH, c, h, w])]
     name = _cfg_name(model)
     onnx_graph = helper.make_graph(b.nodes, Path(name).stem or "darknet", inputs, graph_outputs,
                                    initializer=b.initializers)
     opsets = [helper.make_opsetid("", opset)]
-    from .. import __version__
     proto = helper.make_model(onnx_graph, opset_imports=opsets, producer_name="darkprune",
                               producer_version=__version__,
                               doc_string=f"{name} exported by darkprune {__version__} (opset {opset})")

@@ -66,7 +66,7 @@ def read_checkpoint(path: Path) -> tuple[dict, dict[str, np.ndarray]]:
         raise DarkpruneError(f"{sha_path}: unreadable checksum file ({exc})") from None
     if sha256_hex(data) != expected:
         raise DarkpruneError(f"{path}: checksum mismatch ({len(data)} bytes): the checkpoint is corrupt or truncated; "
-                             f"delete it (and its .sha256) to resume from an earlier one, or run without --resume")
+                             f"delete it (and its .sha256) to resume from an earlier one, or start afresh (resume off)")
     try:
         with np.load(io.BytesIO(data)) as z:
             arrays = {k: z[k] for k in z.files}
