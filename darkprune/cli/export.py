@@ -15,7 +15,7 @@ def cmd_export(args) -> tuple[dict, str]:
 
 @parsers
 def add_parsers(sub) -> None:
-    from ..export import DEFAULT_OPSET, MIN_OPSET
+    from ..workflow.export_step import DEFAULT_OPSET, MIN_OPSET
     p = sub.add_parser(
         "export", help="a Darknet model to ONNX (ONNX Runtime, OpenCV 5, TensorRT, OpenVINO, ncnn)",
         formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import DarkpruneError
+from ..export import DEFAULT_OPSET, MIN_OPSET  # noqa: F401 (the command line's defaults; the exporter loads lazily)
 
 
 def _same_file(a: str, b: str | None) -> bool:
@@ -19,7 +20,7 @@ def run_export(cfg: str, weights: str | None, out: str, decode_boxes: bool = Fal
                log=lambda message: None) -> tuple[dict, str]:
     """Export CFG/WEIGHTS to `out` (atomically, never over an input); returns (JSON payload, printed summary)."""
     from ..darknet import load
-    from ..export import DEFAULT_OPSET, export_onnx
+    from ..export import export_onnx
     if _same_file(out, cfg) or _same_file(out, weights):
         raise DarkpruneError(f"{out}: refusing to overwrite an input file; choose another output name")
     if Path(out).suffix.lower() != ".onnx":
