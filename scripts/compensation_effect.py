@@ -1,10 +1,11 @@
 """What bias compensation (darkprune/prune/compensate.py) buys before finetuning, on the bundled Yolo-Fastest.
 
-    PYTHONPATH=. .venv/bin/python scripts/compensation_effect.py [--rate 0.2] [--analyse] [--limit N]
+    PYTHONPATH=. .venv/bin/python scripts/compensation_effect.py [--rate 0.2] [--limit N]
 
-A plan removing `--rate` of the BFLOPs: by default an explicit one (the same share of every prunable group's
-lowest-L1 channels, the share found by bisection so that the live BFLOPs drop by the rate); with `--analyse`, the
-workflow's own plan, sens.plan(rate=...) from a quick sensitivity analysis (rates 0.25/0.5/0.75 on 16 images).
+Plans removing `--rate` of the BFLOPs: explicit ones (the same share of every prunable group's
+lowest-ranked channels, by filter L1 norm and by batch-norm |gamma|, the share found by bisection so that the live
+BFLOPs drop by the rate), and the workflow's own plan, sens.plan(rate=...) from a quick sensitivity analysis (rates
+0.1..0.5 on 16 images; its steps are coarse, so it may remove more than asked).
 Prints mAP@0.5 on the bundled 128 coco128 validation images of the unpruned model, the plainly masked model and the
 compensated masked model, and the border effect: the fold assumes a k x k reader sees the constant under its whole
 kernel, but zero padding shows it 0 outside the image. Against the reference (the unpruned model with the pruned
@@ -36,19 +37,20 @@ WEIGHTS = ROOT / "weights" / "yolo-fastest-1.1.weights"
 DATA = ROOT / "data" / "coco128-val" / "coco128-val.data"
 
 
-def uniform_plan(model, grouping, rate: float) -> Plan:
-    """The same share of every prunable group, bisected until the live BFLOPs fall by `rate` (or just past it)."""
+def uniform_plan(model, grouping, rate: float, criterion: str = "l1") -> Plan:
+    """The same share of every prunable group (its lowest-ranked channels by `criterion`), bisected until the live
+    BFLOPs fall by `rate` (or just past it)."""
     total = model.graph.total_bflops
     prunable = [g.id for g in grouping.groups if g.prunable]
 
     def removed(share: float) -> float:
-        masks = masks_for_plan(model, Plan({g: share for g in prunable}, "rate", rate), (), grouping)
+        masks = masks_for_plan(model, Plan({g: share for g in prunable}, "rate", rate, 0.0, criterion), (), grouping)
         return 1.0 - live_stats(model, masks, grouping)["total_bflops"] / total
     low, high = 0.0, 0.9
     for _ in range(12):
         middle = (low + high) / 2
         low, high = (middle, high) if removed(middle) < rate else (low, middle)
-    return Plan({g: high for g in prunable}, "rate", rate)
+    return Plan({g: high for g in prunable}, "rate", rate, 0.0, criterion)
 
 
 def reference_model(model, masks):
@@ -144,9 +146,10 @@ def main() -> None:
     sens = dp.analyze(model, data.subset(range(16)), rates=[0.1, 0.2, 0.3, 0.4, 0.5], progress=False)
     masks, compensated = measure_map(f"sens.plan(rate={args.rate:g}) (analysis: 5 rates, 16 images)", model, data,
                                      sens.plan(rate=args.rate), grouping)
-    uniform = uniform_plan(model, grouping, args.rate)
-    measure_map(f"uniform plan, {uniform.rates[min(uniform.rates)]:.4f} of every prunable group (lowest L1)",
-                model, data, uniform, grouping)
+    for criterion, what in (("l1", "lowest filter L1"), ("bn", "lowest batch-norm |gamma|")):
+        uniform = uniform_plan(model, grouping, args.rate, criterion)
+        measure_map(f"uniform plan, {uniform.rates[min(uniform.rates)]:.4f} of every prunable group ({what})",
+                    model, data, uniform, grouping)
     print_border_effect("Yolo-Fastest (the analysed plan)", model, masks, compensated,
                         first_images(data.image_paths, model))
     cifar = ROOT.parent / "shared" / "assets" / "models" / "cifar-small"

@@ -22,8 +22,9 @@ The reference the compensated model reproduces is the unpruned model in which ea
 batch norm, its rolling_mean set to 0), so that the channel outputs its constant everywhere. The fold is exact for
 1x1 consumers, connected layers and unpadded convs; a k x k consumer with zero padding reads 0, not the constant,
 outside the image, so on its border pixels the full-kernel fold over-compensates by the kernel taps that fall in the
-padding (scripts/compensation_effect.py measures this on Yolo-Fastest). Pruned channels still output exactly 0 and
-only live outputs of consumers change, so `transform` of a compensated masked model keeps its outputs exactly.
+padding (scripts/compensation_effect.py measures it). Pruned channels still output what masking made them (0; an SE
+block's logistic scale 0.5, multiplied by a zero) and only live outputs of consumers change, so `transform` of a
+compensated masked model keeps its outputs exactly.
 """
 from __future__ import annotations
 
@@ -146,7 +147,8 @@ def compensate(original: Model, masked: Model, masks=None, grouping: Grouping | 
     """A copy of `masked` (apply_masks(original, masks)) whose consumers of pruned channels have the channels'
     constants folded into their biases, or into their batch-norm rolling_mean. `masks`: a Masks or {group id:
     channels} (default: the masked model's own). Pruned channels still output exactly 0; the copy carries the
-    masks as `.masks`, so transform(result) removes them with no change in outputs."""
+    masks as `.masks`, so transform(result) removes them with no change in outputs. The readers' weights are taken
+    from `original` (masking cleared the columns that read pruned channels); apply it once per masked model."""
     masks = _as_masks(original, masks if masks is not None else getattr(masked, "masks", None), grouping)
     kept = KeptChannels(masks.grouping, masks.pruned)
     constants = pruned_constants(original, kept)
@@ -163,9 +165,9 @@ def compensate(original: Model, masked: Model, masks=None, grouping: Grouping | 
         live = kept.out[layer.index]
         params = out.params[layer.index]
         if "rolling_mean" in params:
-            params["rolling_mean"][live] = (np.asarray(arrays["rolling_mean"], np.float64) - shift)[live]
+            params["rolling_mean"][live] = (params["rolling_mean"].astype(np.float64) - shift)[live]
         else:
-            params["biases"][live] = (np.asarray(arrays["biases"], np.float64) + shift)[live]
+            params["biases"][live] = (params["biases"].astype(np.float64) + shift)[live]
     return out
 
 
