@@ -33,13 +33,10 @@ import numpy as np
 from ..darknet.layer_types import PRODUCER, role
 from ..darknet.model import Model
 from ..engine.activations import activate_array
+from ..engine.network import DARKNET_BN_EPS
 from ..engine.shortcut import normalize_weights
 from .groups import INPUT, Grouping
 from .masks import KeptChannels, _as_masks
-
-# Darknet's batch-norm epsilon (a standalone [batchnorm] layer's constant goes through its normalisation).
-BN_EPS = 1e-5
-
 
 def _activated(values: np.ndarray, activation: str | None) -> np.ndarray:
     """act(values) where values are constants (finite); NaN (not constant) stays NaN."""
@@ -76,7 +73,7 @@ def _shortcut_constants(layer, arrays: dict, ins: list[np.ndarray]) -> np.ndarra
 def _batchnorm_constants(layer, arrays: dict, ins: list[np.ndarray]) -> np.ndarray:
     p = {k: np.asarray(v, np.float64) for k, v in arrays.items()}
     shift = p.get("biases", np.zeros_like(p["scales"]))
-    return p["scales"] * (ins[0] - p["rolling_mean"]) / np.sqrt(p["rolling_variance"] + BN_EPS) + shift
+    return p["scales"] * (ins[0] - p["rolling_mean"]) / np.sqrt(p["rolling_variance"] + DARKNET_BN_EPS) + shift
 
 
 def _upsample_constants(layer, arrays: dict, ins: list[np.ndarray]) -> np.ndarray:
@@ -171,10 +168,4 @@ def compensate(original: Model, masked: Model, masks=None, grouping: Grouping | 
     return out
 
 
-def constant_channels(model: Model, masks, grouping: Grouping | None = None) -> dict[int, np.ndarray]:
-    """The pruned constants per layer for `masks` on the unpruned `model` (see pruned_constants)."""
-    masks = _as_masks(model, masks, grouping)
-    return pruned_constants(model, KeptChannels(masks.grouping, masks.pruned))
-
-
-__all__ = ["compensate", "pruned_constants", "consumer_shift", "constant_channels"]
+__all__ = ["compensate", "pruned_constants", "consumer_shift"]
