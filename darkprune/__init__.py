@@ -6,7 +6,8 @@
     print(dp.evaluate(model, data))
     boxes = dp.detect(model, ["dog.jpg"])
     sens = dp.analyze(model, data, rates=[0.25, 0.5, 0.75])   # per-group loss curves
-    masked = dp.prune(model, sens.plan(threshold=0.01))       # or sens.plan(rate=0.5)
+    masked = dp.prune(model, sens.plan(threshold=0.01))       # or sens.plan(rate=0.5); compensate=True folds
+                                                              # the pruned channels' constants into their readers
     dp.transform(masked).save("small.cfg", "small.weights")
 """
 __version__ = "0.1.0"
@@ -56,8 +57,8 @@ class _CallablePackage(_types.ModuleType):
     """`darkprune.prune` is both the pruning subpackage (`import darkprune.prune.masks as m` must keep working) and
     the API's `dp.prune(model, plan)`: calling the package calls `darkprune.prune.plan.prune`."""
 
-    def __call__(self, model, plan, exclude=()):
-        return _importlib.import_module("darkprune.prune.plan").prune(model, plan, exclude)
+    def __call__(self, model, plan, exclude=(), compensate=False):
+        return _importlib.import_module("darkprune.prune.plan").prune(model, plan, exclude, compensate=compensate)
 
 
 def _prune_package(package):

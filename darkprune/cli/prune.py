@@ -39,7 +39,8 @@ def cmd_prune(args) -> tuple[dict, str]:
     metric, files = summary["metric"], summary["files"]
     text = format_summary(f"prune {what}: {summary['groups_pruned']} groups, {summary['channels_pruned']} channels "
                           f"masked (predicted {metric} loss {summary['predicted_loss']:.4f}, measured "
-                          f"{summary['measured_loss']:.4f} on {summary['images']} images)", summary)
+                          f"{summary['measured_loss']:.4f} on {summary['images']} images"
+                          f"{'; bias compensation applied' if summary.get('compensated') else ''})", summary)
     return summary, text + f"\nwritten: {files['cfg']}, {files['weights']}, {files['masks']}"
 
 
@@ -119,6 +120,9 @@ def add_parsers(sub) -> None:
     p.add_argument("--divisible", type=int, help="round kept channels up to a multiple of N (default: as analysed)")
     p.add_argument("--limit", type=int, help="images to measure the masked model on (default: as the analysis)")
     p.add_argument("--batch", type=int, help="images per forward pass (default 16)")
+    p.add_argument("--compensate", action="store_true",
+                   help="fold each pruned channel's constant output (act of its batch-norm shift or bias) into the "
+                        "biases / batch-norm means of the layers reading it (default: off)")
 
     p = base("transform", "step 4: remove the masked channels for real -> a smaller .cfg/.weights",
              "Remove the channels masked in the workspace (and the inputs of every layer reading them) from WEIGHTS\n"

@@ -45,14 +45,20 @@ class Plan:
                    int(data.get("divisible", 1)), data.get("details", {}))
 
 
-def prune(model, plan, exclude=(), grouping: Grouping | None = None):
+def prune(model, plan, exclude=(), grouping: Grouping | None = None, compensate: bool = False):
     """The masked model for `plan` (a Plan, a Masks or {group id: channel indices}): same shapes, the pruned
-    channels output exactly zero (see masks.apply_masks). The result carries its Masks as `.masks`."""
+    channels output exactly zero (see masks.apply_masks). The result carries its Masks as `.masks`. With
+    `compensate`, the constant each pruned channel carried is folded into the layers reading it (compensate.py)."""
     from .masks import apply_masks
     if isinstance(plan, Plan):
         masks = masks_for_plan(model, plan, exclude, grouping)
-        return apply_masks(model, masks, grouping=masks.grouping)
-    return apply_masks(model, plan, exclude, grouping)
+        masked = apply_masks(model, masks, grouping=masks.grouping)
+    else:
+        masked = apply_masks(model, plan, exclude, grouping)
+    if compensate:
+        from .compensate import compensate as fold_constants
+        masked = fold_constants(model, masked, masked.masks)
+    return masked
 
 
 def masks_for_plan(model, plan: Plan, exclude=(), grouping: Grouping | None = None) -> Masks:

@@ -17,7 +17,7 @@ from .workspace import Workspace, absolute_settings, check_workspace_path
 
 ANA_KEYS = ["rates", "criterion", "limit", "shard", "exclude", "divisible", "batch", "no_prefix_cache", "merge",
             "ana_out_file"]
-PRUNE_KEYS = ["threshold", "rate", "exclude", "divisible", "limit", "batch", "prune_out_weights"]
+PRUNE_KEYS = ["threshold", "rate", "exclude", "divisible", "limit", "batch", "prune_out_weights", "compensate"]
 TRANSFORM_KEYS = ["out", "out_cfg"]
 
 
@@ -214,6 +214,9 @@ def _mask_and_measure(s, model, ws, sens, plan, dataset, files, progress) -> dic
     batch = s.whole("batch") or 16
     masks = masks_for_plan(model, plan)
     masked = apply_masks(model, masks)
+    if s.get("compensate"):         # fold the pruned channels' constants into the layers reading them
+        from ..prune.compensate import compensate
+        masked = compensate(model, masked, masks)
     same_images = data_digest(dataset) == sens.data_digest
     before = {sens.metric: sens.baseline} if same_images else evaluate(model, dataset, batch=batch, progress=progress)
     after = evaluate(masked, dataset, batch=batch, progress=progress)
@@ -223,12 +226,12 @@ def _mask_and_measure(s, model, ws, sens, plan, dataset, files, progress) -> dic
     masks.save(files["masks"])
     masked.save(files["cfg"], files["weights"])
     ws.save_config("prune", absolute_settings(s, ("cfg", "weights", "data", "threshold", "rate", "exclude",
-                                                  "divisible", "limit", "prune_out_weights")))
+                                                  "divisible", "limit", "prune_out_weights", "compensate")))
     summary = summary_rows(model, masks, before, after, sens.metric)
     summary.update({"mode": plan.mode, "target": plan.target, "predicted_loss": plan.predicted_loss,
                     "measured_loss": before[sens.metric] - after[sens.metric], "images": len(dataset),
                     "groups_pruned": len(masks.pruned), "channels_pruned": masks.total_pruned,
-                    "files": {k: str(v) for k, v in files.items()}})
+                    "compensated": bool(s.get("compensate")), "files": {k: str(v) for k, v in files.items()}})
     ws.update_summary("prune", summary)
     return summary
 
