@@ -99,11 +99,14 @@ def add_parsers(sub) -> None:
              "Mask a share of each channel group's least important channels at each rate, evaluate on the .data\n"
              "file's validation images, record the metric loss. Saved after every group; an interrupted run\n"
              "resumes where it stopped. --shard I/N analyses every N-th group only (for N processes or machines\n"
-             "sharing the work on one workspace); --merge then joins the shard files.")
+             "sharing the work on one workspace); --merge then joins the shard files. --cluster runs the groups\n"
+             "as tasks on a Dask cluster instead and streams their curves into the same file.")
     p.add_argument("--data", help="Darknet .data file (its valid= list is measured)")
     _analysis_flags(p)
     p.add_argument("--shard", help="I/N: analyse only the I-th of N shares of the groups")
     p.add_argument("--merge", action="store_true", help="join the shard files into sensitivity.json")
+    p.add_argument("--cluster", help="measure the groups as Dask tasks: on the scheduler at tcp://HOST:8786, or on "
+                                     "local:N, N worker processes started for the run (pip install darkprune[dask])")
 
     p = base("prune", "step 2: choose per-layer rates and mask the pruned channels",
              "--threshold LOSS: each channel group gets the largest analysed rate whose own accuracy loss (and that\n"

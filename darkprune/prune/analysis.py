@@ -34,15 +34,17 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from ..darknet.layer_types import PRODUCER, layer_type, role
 from ..darknet.model import Model
 from ..engine.network import Network
 from ..errors import DarkpruneError, SettingError
 from ..util.jsonio import write_json
-from .criteria import channels_to_prune, check_criterion
-from .groups import CROSS_CHANNEL_ACTIVATIONS, NONZERO_AT_ZERO, Group, Grouping, build_grouping
-from .masks import masked_group_arrays, structure_fingerprint
-from .variants import Measure, PrefixCache
+from .criteria import check_criterion
+# the per-group measurement lives in curves.py; its names are also this module's, as before
+from .curves import (CurveMeasurer, _zero_positions, affected_layers, divergence_layer,  # noqa: F401
+                     evaluation_outputs, group_info, masked_overrides, metric_name)
+from .groups import Group, Grouping, build_grouping
+from .masks import structure_fingerprint
+from .variants import PrefixCache
 
 FORMAT = "darkprune-sensitivity"
 DEFAULT_RATES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
@@ -226,18 +228,6 @@ def resolve_exclude(model: Model, exclude, grouping: Grouping | None = None) -> 
     return out
 
 
-def metric_name(model: Model) -> str:
-    from ..darknet.heads import metric_name
-    return metric_name(model.graph)
-
-
-def evaluation_outputs(network: Network) -> list[int]:
-    """The layers evaluate() reads: the [yolo]/[region] heads, or the classifier's output layer."""
-    from ..detect import classifier_output, detection_heads
-    heads = [index for index, _ in detection_heads(network.graph)]
-    return heads or [classifier_output(network)]
-
-
 def prunable_groups(model: Model, exclude=(), grouping: Grouping | None = None) -> list[Group]:
     """The groups an analysis visits, in network order (by first member)."""
     grouping = grouping if grouping is not None else build_grouping(model.graph)
@@ -281,99 +271,10 @@ def data_digest(dataset) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The masked variant of one group at one rate
-
-def affected_layers(group: Group) -> list[int]:
-    """Layers whose parameters masking `group` may change: its members and the layers reading its channels."""
-    return group.affected_layers()
-
-
-def masked_overrides(model: Model, group: Group, channels: np.ndarray,
-                     grouping: Grouping | None = None) -> dict[int, dict[str, np.ndarray]]:
-    """The parameters of the layers that masking `channels` of `group` changes, exactly as `apply_masks` changes
-    them (members' filters, biases and batch-norm rows, standalone batch norms, per-channel shortcut weights and
-    the input columns of every reader). Only those layers are copied."""
-    grouping = grouping if grouping is not None else build_grouping(model.graph)
-    return masked_group_arrays(model, group, channels, grouping)
-
-
-def divergence_layer(grouping: Grouping, group: Group) -> tuple[int, set[int]]:
-    """(d, zeroed): the first layer whose output, with any share of `group` masked, can differ from the original
-    other than by the group's channels being exactly zero; and the layers before d whose outputs carry the group's
-    (then zero) channels. Layers before d need not be recomputed: their outputs are the original ones with the
-    pruned channels set to 0. Conservative: any layer these rules do not know to be safe counts as diverging."""
-    graph = grouping.graph
-    space = grouping.space
-    gid = group.id
-    owner = grouping.owner_group
-    members = set(group.members)
-    zeroed: set[int] = set()              # layers whose output is the original with some group channels at zero
-    start = min(members)
-    for layer in graph.layers[start:]:
-        i = layer.index
-        entry, a = layer_type(layer), layer.attrs
-        ins_zeroed = [j for j in layer.inputs if j in zeroed]
-        own_ids = space.ids[i]
-        carries = bool((owner[own_ids] == gid).any())
-        if role(layer) == PRODUCER:
-            reads = space.input_ids(layer) if layer.sources else np.zeros(0, np.int64)
-            reads_group = bool(ins_zeroed) and bool((owner[reads] == gid).any())
-            if reads_group:
-                if entry.blocks(layer) <= 1 or not _blocks_follow_group(grouping, layer, reads, own_ids, gid):
-                    return i, zeroed
-            if i in members or carries:
-                if not _zero_at_zero(a.get("activation", "linear")):
-                    return i, zeroed
-                zeroed.add(i)
-            elif reads_group:
-                return i, zeroed            # (not reached: a grouped conv reading the group is a member)
-            continue
-        if not ins_zeroed:
-            if carries:                     # group channels made by a member not yet reached: cannot happen
-                return i, zeroed
-            continue
-        zero_at_zero = _zero_at_zero(a.get("activation", "linear"))
-        # what the entry says about zeros: passed on always (route, upsample, a [batchnorm], whose pruned entries
-        # apply_masks clears: 0 -> 0), after an activation that is 0 at 0, or by a sum of tied operands
-        if entry.keeps_zero == "always" or (entry.keeps_zero == "activation" and zero_at_zero) or \
-                (entry.keeps_zero == "tied" and zero_at_zero and _all_operands_carry(space, layer, owner, gid)):
-            zeroed.add(i)
-        else:
-            return i, zeroed
-    return len(graph) - 1, zeroed
-
-
-def _zero_at_zero(act) -> bool:
-    return NONZERO_AT_ZERO.get(act, 0.0) == 0.0 and act not in CROSS_CHANNEL_ACTIVATIONS
-
-
-def _blocks_follow_group(grouping: Grouping, layer, reads: np.ndarray, own: np.ndarray, gid: int) -> bool:
-    """A grouped conv reading the group's channels is safe when every block it reads a group channel in is one
-    group channel as a whole (inputs and filters), so pruning that channel removes the whole block's filters."""
-    g = layer_type(layer).blocks(layer)
-    cin, n = len(reads) // g, len(own) // g
-    owner, chan = grouping.owner_group, grouping.owner_channel
-    for k in range(g):
-        block_in, block_out = reads[k * cin:(k + 1) * cin], own[k * n:(k + 1) * n]
-        if not (owner[block_in] == gid).any():
-            continue
-        ids = np.concatenate([block_in, block_out])
-        if not ((owner[ids] == gid).all() and len(np.unique(chan[ids])) == 1):
-            return False
-    return True
-
-
-def _all_operands_carry(space, layer, owner: np.ndarray, gid: int) -> bool:
-    """Every operand of a shortcut has the group's channels at the same positions (they are tied)."""
-    operands = [owner[space.operand(layer, k)] == gid for k in range(len(layer.sources))]
-    return all(len(o) == len(operands[0]) and (o == operands[0]).all() for o in operands)
-
-
-# ----------------------------------------------------------------------------------------------------------------
 def analyze(model: Model, data, rates=DEFAULT_RATES, criterion: str = "l1", limit: int | None = None,
             divisible: int = 1, exclude=(), shard: tuple[int, int] | None = None, out_path=None,
             resume: bool = True, batch: int = 16, prefix_cache: bool = True, progress: bool = True,
-            cache_dir=None, callback=None, prepare=None) -> Sensitivity:
+            cache_dir=None, callback=None, prepare=None, cluster=None) -> Sensitivity:
     """Run the sensitivity analysis of `model` on `data` (a Dataset or a .data path).
 
     `rates`: shares of each group's channels to prune, each strictly between 0 and 1. `criterion`: "l1" or "bn".
@@ -382,20 +283,22 @@ def analyze(model: Model, data, rates=DEFAULT_RATES, criterion: str = "l1", limi
     group and a previous partial run in that file is resumed (`resume=False` starts over). `callback(group_id,
     curve)` is called after each group is saved. `prepare()` is called once, after every input was checked and the
     baseline measured, before anything is written (the CLI creates the workspace there, so that a refused run leaves
-    nothing behind). `prefix_cache=False` evaluates every variant from the input."""
-    from ..evaluate import evaluate, load_dataset
+    nothing behind). `prefix_cache=False` evaluates every variant from the input. `cluster`: measure the groups as
+    dask.distributed tasks, on "local:N" (a local cluster of N worker processes, for this run), a scheduler's
+    address ("tcp://HOST:8786") or a distributed.Client; the results are the same (see cluster.py)."""
+    from ..evaluate import load_dataset
     from ..util.progress import progress_enabled
 
     rates, divisible, shard, batch = _check_settings(rates, criterion, divisible, shard, batch)
+    if cluster is not None:
+        from .cluster import check_cluster
+        check_cluster(cluster)
     dataset = load_dataset(data, limit)
     exclude = [str(e).strip() for e in ([exclude] if isinstance(exclude, (str, int)) else exclude or ())
                if str(e).strip()]
     grouping = build_grouping(model.graph)
     mine = shard_groups(prunable_groups(model, exclude, grouping), shard)
-    fingerprint = structure_fingerprint(model.graph)
     digest_w, digest_d = weights_digest(model), data_digest(dataset)
-    metric = metric_name(model)
-    show = progress_enabled(progress)
     started = time.perf_counter()
 
     sens = None
@@ -404,43 +307,100 @@ def analyze(model: Model, data, rates=DEFAULT_RATES, criterion: str = "l1", limi
         _check_resumable(sens, out_path, rates, criterion, len(dataset), divisible, shard, exclude, digest_w,
                          digest_d)
     todo = [g for g in mine if sens is None or not (g.id in sens.curves and len(sens.curves[g.id]) == len(rates))]
+    fresh = Sensitivity(structure_fingerprint(model.graph), metric_name(model), math.nan, rates, criterion,
+                        divisible, len(dataset), _source(dataset), shard=shard, assigned=[g.id for g in mine],
+                        weights_digest=digest_w, data_digest=digest_d, exclude=list(exclude))
+    run = AnalysisRun(model, dataset, grouping, todo, sens, fresh, batch, prefix_cache, cache_dir, out_path,
+                      callback, prepare, progress_enabled(progress), started)
     if sens is not None and not todo:
-        sens.model, sens.grouping = model, grouping
-        if prepare is not None:
-            prepare()
-        return sens
+        return run.begin(None)
+    if cluster is not None:
+        from .cluster import analyze_on_cluster
+        return analyze_on_cluster(cluster, run)
+    return _analyze_here(run)
 
+
+@dataclass
+class AnalysisRun:
+    """One analysis run with its inputs checked: the groups left to measure and where their curves go. Measuring
+    happens here (`_analyze_here`) or on a cluster (cluster.py); both start it with `begin` and keep each curve
+    with `record`."""
+    model: Model
+    dataset: object
+    grouping: Grouping
+    todo: list[Group]                 # the groups left to measure (in network order)
+    sens: Sensitivity | None          # the analysis resumed, or None before the baseline is measured
+    fresh: Sensitivity                # a new run's analysis, its baseline not yet measured
+    batch: int
+    prefix_cache: bool
+    cache_dir: object
+    out_path: object
+    callback: object
+    prepare: object
+    show: bool                        # progress bars
+    started: float
+    previous_seconds: float = 0.0     # the time spent by the run this one resumes
+
+    @property
+    def settings(self) -> Sensitivity:
+        return self.sens if self.sens is not None else self.fresh
+
+    def begin(self, baseline: float | None) -> Sensitivity:
+        """The baseline is measured (None: resumed): every input is fine, so `prepare()` may create the workspace;
+        a new analysis is written at once (without curves)."""
+        if self.sens is None:
+            self.sens = self.fresh
+            self.sens.baseline = float(baseline)
+            if self.prepare is not None:
+                self.prepare()
+            if self.out_path is not None:
+                self.sens.save(self.out_path)
+        elif self.prepare is not None:
+            self.prepare()
+        self.sens.model, self.sens.grouping = self.model, self.grouping
+        self.previous_seconds = self.sens.seconds
+        return self.sens
+
+    def record(self, group: Group, curve: dict) -> None:
+        """Keep one group's finished curve: into the analysis, saved (atomically) to `out_path`, then `callback`."""
+        sens = self.sens
+        sens.curves[group.id] = curve
+        sens.groups[group.id] = group_info(self.model, group)
+        sens.seconds = self.previous_seconds + time.perf_counter() - self.started
+        if self.out_path is not None:
+            sens.save(self.out_path)
+        if self.callback is not None:
+            self.callback(group.id, dict(curve))
+
+
+def _analyze_here(run: AnalysisRun) -> Sensitivity:
+    """Measure the run's groups in this process, in the order of their divergence layers (the prefix cache moves
+    forward once); the baseline's pass fills the first frontier."""
+    from ..evaluate import evaluate
+    model, dataset, settings = run.model, run.dataset, run.settings
     network = Network(model)
-    positions = {g.id: divergence_layer(grouping, g) for g in todo}
-    todo.sort(key=lambda g: (positions[g.id][0], g.id))
-    prefix = PrefixCache(network, evaluation_outputs(network), len(dataset), enabled=prefix_cache)
-
-    if sens is None:
-        first = positions[todo[0].id][0] if todo else 0
-        forward = prefix.base_runner(first) if prefix_cache and todo else None
-        base = evaluate(None, dataset, network=network, forward=forward, progress=show, batch=batch,
-                        cache_dir=cache_dir)
-        sens = Sensitivity(fingerprint, metric, float(base[metric]), rates, criterion, divisible, len(dataset),
-                           _source(dataset), shard=shard, assigned=[g.id for g in mine],
-                           weights_digest=digest_w, data_digest=digest_d, exclude=list(exclude))
-        if prepare is not None:
-            prepare()
-        if out_path is not None:
-            sens.save(out_path)
-    elif prepare is not None:
-        prepare()
-    sens.model, sens.grouping = model, grouping
-    run = _Run(model, grouping, network, prefix, positions, sens, out_path, callback, batch, prefix_cache,
-               sens.seconds)
-    measure = Measure(network, dataset, metric, batch, cache_dir)
-    bar = tqdm(total=len(todo) * len(rates), desc="analysis", unit="eval", file=sys.stderr, disable=not show,
-               dynamic_ncols=True)
+    measurer_positions = {g.id: divergence_layer(run.grouping, g) for g in run.todo}
+    todo = sorted(run.todo, key=lambda g: (measurer_positions[g.id][0], g.id))
+    prefix = PrefixCache(network, evaluation_outputs(network), len(dataset), enabled=run.prefix_cache)
+    if run.sens is None:
+        first = measurer_positions[todo[0].id][0] if todo else 0
+        forward = prefix.base_runner(first) if run.prefix_cache and todo else None
+        base = evaluate(None, dataset, network=network, forward=forward, progress=run.show, batch=run.batch,
+                        cache_dir=run.cache_dir)
+        sens = run.begin(base[settings.metric])
+    else:
+        sens = run.begin(None)
+    measurer = CurveMeasurer(model, dataset, sens.rates, sens.criterion, sens.divisible, run.batch,
+                             run.prefix_cache, run.cache_dir, run.grouping, network, prefix)
+    measurer.positions.update(measurer_positions)
+    bar = tqdm(total=len(todo) * len(sens.rates), desc="analysis", unit="eval", file=sys.stderr,
+               disable=not run.show, dynamic_ncols=True)
     try:
         for group in todo:
-            run.group(group, measure, bar, started)
+            run.record(group, measurer.curve(group, bar))
     finally:
         bar.close()
-        measure.close()
+        measurer.close()
     return sens
 
 
@@ -459,73 +419,6 @@ def _check_settings(rates, criterion, divisible, shard, batch):
     if batch < 1:
         raise SettingError("batch", f"batch {batch}: must be >= 1")
     return rates, divisible, shard, batch
-
-
-@dataclass
-class _Run:
-    """One analysis run's state while it measures its groups: what `analyze` prepared, and where results go."""
-    model: Model
-    grouping: Grouping
-    network: Network
-    prefix: PrefixCache
-    positions: dict
-    sens: Sensitivity
-    out_path: object
-    callback: object
-    batch: int
-    prefix_cache: bool
-    previous_seconds: float           # the time spent by the run this one resumes
-
-    def group(self, group: Group, measure: Measure, bar, started: float) -> None:
-        """Measure every rate of one group (each variant scored while the next one runs), then save."""
-        sens = self.sens
-        position, zeroed_layers = self.positions[group.id]
-        scores = group.scores(self.model, sens.criterion)
-        if self.prefix_cache:
-            self.prefix.advance(position, self.batch)
-        futures = {}
-        for rate in sens.rates:
-            chans = channels_to_prune(scores, rate, sens.divisible)
-            variant = self.network.variant(masked_group_arrays(self.model, group, chans, self.grouping))
-            forward = None
-            if self.prefix_cache:
-                zero = _zero_positions(self.grouping, group, chans, self.prefix.need(position), zeroed_layers)
-                forward = self.prefix.runner(variant, position, zero)
-            futures[rate] = measure.submit(variant, forward)
-            bar.update(1)
-            _show_done(bar, group.id, futures, sens.metric)
-        curve = {rate: future.result() for rate, future in futures.items()}
-        _show_done(bar, group.id, futures, sens.metric)
-        sens.curves[group.id] = curve
-        sens.groups[group.id] = {"members": [self.model.graph[m].name for m in group.members],
-                                 "channels": int(group.channels)}
-        sens.seconds = self.previous_seconds + time.perf_counter() - started
-        if self.out_path is not None:
-            sens.save(self.out_path)
-        if self.callback is not None:
-            self.callback(group.id, dict(curve))
-
-
-def _show_done(bar, group_id: int, futures: dict, metric: str) -> None:
-    """The progress bar's note: the last finished variant of this group (the newest one is usually still being
-    scored)."""
-    done = [rate for rate, future in futures.items() if future.done() and future.exception() is None]
-    if done:
-        rate = done[-1]
-        bar.set_postfix_str(f"group {group_id} rate {rate:g}: {metric} {futures[rate].result():.4f}")
-
-
-def _zero_positions(grouping: Grouping, group: Group, chans: np.ndarray, need: list[int],
-                    zeroed_layers: set[int]) -> dict[int, np.ndarray]:
-    """For each frontier layer carrying the group's channels: which of its output channels are pruned."""
-    pruned = group.global_ids[chans].ravel()
-    out = {}
-    for i in need:
-        if i in zeroed_layers:
-            pos = np.flatnonzero(np.isin(grouping.space.ids[i], pruned))
-            if len(pos):
-                out[i] = pos
-    return out
 
 
 def _source(dataset) -> str:

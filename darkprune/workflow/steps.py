@@ -16,7 +16,7 @@ from .settings import Settings
 from .workspace import Workspace, absolute_settings, check_workspace_path
 
 ANA_KEYS = ["rates", "criterion", "limit", "shard", "exclude", "divisible", "batch", "no_prefix_cache", "merge",
-            "ana_out_file"]
+            "ana_out_file", "cluster"]
 PRUNE_KEYS = ["threshold", "rate", "exclude", "divisible", "limit", "batch", "prune_out_weights", "compensate"]
 TRANSFORM_KEYS = ["out", "out_cfg"]
 
@@ -111,7 +111,8 @@ def _analyse(s: Settings, model, inputs, progress, log):
     started = time.perf_counter()
     sens = analyze(model, dataset, rates=rates, criterion=s["criterion"], divisible=divisible, exclude=exclude,
                    shard=shard, out_path=Path(s["workspace"]) / name, batch=batch,
-                   prefix_cache=not s["no_prefix_cache"], progress=progress, prepare=prepare)
+                   prefix_cache=not s["no_prefix_cache"], progress=progress, prepare=prepare,
+                   cluster=s.get("cluster") or None)
     log(f"analysis done in {time.perf_counter() - started:.1f} s: {Path(s['workspace']) / name}")
     return sens, name
 
