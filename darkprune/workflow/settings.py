@@ -19,6 +19,7 @@ import warnings
 from pathlib import Path
 
 from ..errors import DarkpruneError, SettingError
+from ..util.textio import read_input_bytes
 
 # The pruning steps' defaults (ana, prune, transform, sweep; finetune adds its own).
 DEFAULTS = {
@@ -174,12 +175,8 @@ def read_config(path: str | os.PathLike) -> ConfigValues:
     """key=value lines (`#` comments), or a cfg with a [pruning] section (Vitis AI's main cfg)."""
     path = str(path)
     try:
-        text = Path(path).read_text(encoding="utf-8-sig")
-    except FileNotFoundError:
-        raise DarkpruneError(f"{path}: no such config file") from None
-    except IsADirectoryError:
-        raise DarkpruneError(f"{path}: is a folder, not a config file") from None
-    except (OSError, UnicodeDecodeError) as exc:
+        text = read_input_bytes(path, "config", "not a config file").decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
         raise DarkpruneError(f"{path}: cannot read config: {exc}") from None
     if any(line.strip().lower() == "[pruning]" for line in text.splitlines()):
         return _read_vitis(path, text)
