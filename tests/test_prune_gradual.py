@@ -100,7 +100,7 @@ def test_steps_must_be_a_whole_number_of_at_least_one():
 def test_plans_grow_per_group_and_reach_each_steps_share():
     model = tiny()
     sens = hand_sensitivity(model)
-    plans = gradual.gradual_plans(model, sens, 0.5, 3)
+    plans = gradual.gradual_plans(model, sens, 3, rate=0.5)
     grouping = build_grouping(model.graph)
     total = model.graph.total_bflops
     for i, plan in enumerate(plans, 1):
@@ -133,7 +133,7 @@ def test_gradual_run_prunes_in_nested_steps_keeps_zeros_and_resumes(tmp_path, mo
     original = {i: {k: v.copy() for k, v in p.items()} for i, p in model.params.items()}
     sens = hand_sensitivity(model)
     ws = tmp_path / "gradual"
-    result = gradual.prune_gradually(model, sens, 0.4, 2, BUNDLED_DATA, 2, workspace=ws, progress=False,
+    result = gradual.prune_gradually(model, sens, 2, BUNDLED_DATA, 2, rate=0.4, workspace=ws, progress=False,
                                      finetune_options={"batch": 4, "subdivisions": 1})
     assert all(np.array_equal(original[i][k], model.params[i][k]) for i in original for k in original[i])
     first = Masks.load(ws / "step1" / "masks.json", model)
@@ -158,10 +158,50 @@ def test_gradual_run_prunes_in_nested_steps_keeps_zeros_and_resumes(tmp_path, mo
     def no_training(*args, **kwargs):
         raise AssertionError("a finished step was trained again")
     monkeypatch.setattr("darkprune.train.finetune.finetune", no_training)
-    again = gradual.prune_gradually(model, sens, 0.4, 2, BUNDLED_DATA, 2, workspace=ws, resume=True,
+    again = gradual.prune_gradually(model, sens, 2, BUNDLED_DATA, 2, rate=0.4, workspace=ws, resume=True,
                                     progress=False, finetune_options={"batch": 4, "subdivisions": 1})
     assert all(np.array_equal(again.model.params[i][k], result.model.params[i][k]) for i in model.params
                for k in model.params[i])
     (ws / "step2" / "step.json").unlink()
     with pytest.raises(AssertionError, match="trained again"):
-        gradual.prune_gradually(model, sens, 0.4, 2, BUNDLED_DATA, 2, workspace=ws, resume=True, progress=False)
+        gradual.prune_gradually(model, sens, 2, BUNDLED_DATA, 2, rate=0.4, workspace=ws, resume=True, progress=False)
+
+
+def test_prune_steps_on_the_command_line_writes_the_last_step_and_resumes(tmp_path, capsys, monkeypatch):
+    import json
+
+    import cv2
+
+    from conftest import run_cli
+    monkeypatch.setenv("DARKPRUNE_CACHE", str(tmp_path / "cache"))
+    model = tiny(3)
+    cfg, weights = tmp_path / "tiny.cfg", tmp_path / "tiny.weights"
+    model.save(cfg, weights)
+    images = sorted((BUNDLED_DATA.parent / "images").glob("*.jpg"))
+    (tmp_path / "train.txt").write_text("".join(f"{p}\n" for p in images[4:12]))
+    (tmp_path / "valid.txt").write_text("".join(f"{p}\n" for p in images[:4]))
+    data = tmp_path / "tiny.data"
+    data.write_text(f"classes=80\ntrain={tmp_path / 'train.txt'}\nvalid={tmp_path / 'valid.txt'}\n")
+    ws = tmp_path / "ws"
+    code, _, err = run_cli(capsys, "ana", cfg, weights, "--data", data, "--rates", "0.25,0.5,0.75", "-w", ws, "-q")
+    assert code == 0, err
+    code, _, err = run_cli(capsys, "prune", cfg, weights, "-w", ws, "--rate", "0.3", "--steps", "2", "-q")
+    assert code == 1 and "--step-iters is required" in err and len(err.strip().splitlines()) == 1
+    argv = ["prune", cfg, weights, "-w", ws, "--rate", "0.3", "--steps", "2", "--step-iters", "2", "--compensate",
+            "--json", "-q"]
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 0, err
+    summary = json.loads(out)
+    assert [s["step"] for s in summary["gradual"]] == [1, 2] and summary["steps"] == 2
+    assert summary["bflops_after"] <= 0.7 * summary["bflops_before"] + 1e-12
+    assert summary["gradual"][-1]["bflops"] == pytest.approx(summary["bflops_after"], rel=1e-3)
+    assert (ws / "gradual" / "step1" / "step.json").is_file() and (ws / "gradual" / "step2" / "step.json").is_file()
+    stamp = (ws / "gradual" / "step2" / "step.weights").stat().st_mtime_ns
+    code, out2, err = run_cli(capsys, *argv)                       # the same command: both steps are reused
+    assert code == 0 and json.loads(out2)["gradual"] == summary["gradual"]
+    assert (ws / "gradual" / "step2" / "step.weights").stat().st_mtime_ns == stamp
+    code, out, err = run_cli(capsys, "transform", cfg, "-w", ws, "--json", "-q")
+    assert code == 0, err
+    small = json.loads(out)
+    assert small["bflops_after"] == summary["bflops_after"]
+    cv2.dnn.readNetFromDarknet(small["files"]["cfg"], small["files"]["weights"])

@@ -41,6 +41,10 @@ def cmd_prune(args) -> tuple[dict, str]:
                           f"masked (predicted {metric} loss {summary['predicted_loss']:.4f}, measured "
                           f"{summary['measured_loss']:.4f} on {summary['images']} images"
                           f"{'; bias compensation applied' if summary.get('compensated') else ''})", summary)
+    for step in summary.get("gradual") or ():
+        text += (f"\nstep {step['step']}: {step['bflops']:.4f} BFLOPs, {step['channels_pruned']} channels pruned, "
+                 f"{metric} {step['metric_before_finetune']:.4f} after the cut, {step['metric_after_finetune']:.4f} "
+                 f"after {summary['step_iters']} iterations")
     return summary, text + f"\nwritten: {files['cfg']}, {files['weights']}, {files['masks']}"
 
 
@@ -126,6 +130,13 @@ def add_parsers(sub) -> None:
     p.add_argument("--compensate", action="store_true",
                    help="fold each pruned channel's constant output (act of its batch-norm shift or bias) into the "
                         "biases / batch-norm means of the layers reading it (default: off)")
+    p.add_argument("--steps", type=int, help="reach the target in K cuts, each followed by a short finetune on the "
+                                             ".data file's train= images (default 1: one cut)")
+    p.add_argument("--step-iters", dest="step_iters", type=int,
+                   help="finetuning iterations after each cut (required with --steps > 1)")
+    p.add_argument("--step-lr", dest="step_lr", type=float, help="learning rate of those finetunes (default: the "
+                                                                  "cfg's, as finetune takes it)")
+    p.add_argument("--seed", type=int, help="seed of the steps' finetunes (default 0)")
 
     p = base("transform", "step 4: remove the masked channels for real -> a smaller .cfg/.weights",
              "Remove the channels masked in the workspace (and the inputs of every layer reading them) from WEIGHTS\n"

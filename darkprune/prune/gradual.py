@@ -31,7 +31,7 @@ from ..util.jsonio import write_json
 from .criteria import kept_count
 from .groups import Grouping, build_grouping
 from .masks import Masks, apply_masks, live_stats
-from .plan import Plan, plan_by_rate
+from .plan import Plan, check_threshold, plan_by_rate, plan_by_threshold
 
 
 @dataclass
@@ -70,15 +70,22 @@ def check_steps(steps) -> int:
     return value
 
 
-def gradual_plans(model: Model, sensitivity, rate: float, steps: int, divisible: int = 1, exclude=(),
-                  grouping: Grouping | None = None) -> list[Plan]:
-    """The K plans of a gradual run: plan_by_rate at rate * i / K, with each group's rate at least what the
-    previous step gave it (so the pruned channels only grow)."""
+def gradual_plans(model: Model, sensitivity, steps: int, rate: float | None = None, threshold: float | None = None,
+                  divisible: int = 1, exclude=(), grouping: Grouping | None = None) -> list[Plan]:
+    """The K plans of a gradual run: plan_by_rate at rate * i / K (or plan_by_threshold at threshold * i / K), with
+    each group's rate at least what the previous step gave it (so the pruned channels only grow)."""
     steps = check_steps(steps)
+    if (rate is None) == (threshold is None):
+        raise SettingError("rate", "gradual pruning needs exactly one of a rate (the share of BFLOPs to remove) or "
+                                   "a threshold (the loss each layer may cost)")
     grouping = grouping if grouping is not None else build_grouping(model.graph)
     plans, floor = [], {}
     for i in range(1, steps + 1):
-        plan = plan_by_rate(model, sensitivity, rate * i / steps, divisible, exclude, grouping)
+        if rate is not None:
+            plan = plan_by_rate(model, sensitivity, rate * i / steps, divisible, exclude, grouping)
+        else:
+            check_threshold(threshold, sensitivity)
+            plan = plan_by_threshold(sensitivity, threshold * i / steps, divisible, exclude)
         rates = dict(plan.rates)
         for gid, previous in floor.items():
             rates[gid] = max(rates.get(gid, 0.0), previous)
@@ -159,22 +166,22 @@ def _measure(model: Model, data, progress: bool):
     return float(result["map50"] if "map50" in result else result["top1"])
 
 
-def prune_gradually(model: Model, sensitivity, rate: float, steps: int, data, iters_per_step: int,
-                    compensate: bool = True, calibration=None, eval_data=None, exclude=(), divisible: int = 1,
-                    finetune_options: dict | None = None, workspace=None, resume: bool = False,
-                    progress: bool = True, log=None) -> GradualResult:
-    """Prune `model` (unchanged) to remove `rate` of its BFLOPs in `steps` cuts, each recovered by compensation,
-    reconstruction on `calibration` images (when given) and `iters_per_step` finetuning iterations on `data` (see
-    the module doc). `eval_data`: a dataset measured before and after each finetune (for the record; optional).
+def prune_gradually(model: Model, sensitivity, steps: int, data, iters_per_step: int, rate: float | None = None,
+                    threshold: float | None = None, compensate: bool = True, calibration=None, eval_data=None,
+                    exclude=(), divisible: int = 1, finetune_options: dict | None = None, workspace=None,
+                    resume: bool = False, progress: bool = True, log=None) -> GradualResult:
+    """Prune `model` (unchanged) to remove `rate` of its BFLOPs (or down to `threshold`) in `steps` cuts, each
+    recovered by compensation, reconstruction on `calibration` images (when given) and `iters_per_step` finetuning
+    iterations on `data` (see the module doc). `eval_data`: a dataset measured before and after each finetune (for the record; optional).
     `finetune_options`: passed on to darkprune.train.finetune.finetune (teacher=, batch=, learning_rate=, seed=...).
     With `workspace`, every finished step is saved there and `resume` skips the finished ones."""
     import time
 
-    from ..train.finetune import finetune
+    from ..train.finetune import CHECKPOINT_DIR, finetune
     if iters_per_step < 0:
         raise SettingError("step_iters", f"step_iters {iters_per_step}: expected a number of iterations >= 0")
     grouping = build_grouping(model.graph)
-    plans = gradual_plans(model, sensitivity, rate, steps, divisible, exclude, grouping)
+    plans = gradual_plans(model, sensitivity, steps, rate, threshold, divisible, exclude, grouping)
     options = dict(finetune_options or {})
     current, masks, records = model, None, []
     for i, plan in enumerate(plans, 1):
@@ -189,7 +196,8 @@ def prune_gradually(model: Model, sensitivity, rate: float, steps: int, data, it
         cut = _cut(current, masks, calibration, compensate, progress)
         before = _measure(cut, eval_data, progress)
         if iters_per_step:
-            finetune(cut, data, iters_per_step, masks=masks, workspace=folder, resume=resume, progress=progress,
+            started = resume and folder is not None and (folder / CHECKPOINT_DIR).is_dir()
+            finetune(cut, data, iters_per_step, masks=masks, workspace=folder, resume=started, progress=progress,
                      **options)
         after = _measure(cut, eval_data, progress) if iters_per_step else before
         stats = live_stats(model, masks, grouping)

@@ -12,12 +12,14 @@ from pathlib import Path
 
 from ..errors import DarkpruneError, SettingError
 from ..util.files import atomic_write_text, refuse_overwrite
+from .gradual_step import gradual_values
 from .settings import Settings
 from .workspace import Workspace, absolute_settings, check_workspace_path
 
 ANA_KEYS = ["rates", "criterion", "limit", "shard", "exclude", "divisible", "batch", "no_prefix_cache", "merge",
             "ana_out_file", "cluster"]
-PRUNE_KEYS = ["threshold", "rate", "exclude", "divisible", "limit", "batch", "prune_out_weights", "compensate"]
+PRUNE_KEYS = ["threshold", "rate", "exclude", "divisible", "limit", "batch", "prune_out_weights", "compensate",
+              "steps", "step_iters", "step_lr", "seed"]
 TRANSFORM_KEYS = ["out", "out_cfg"]
 
 
@@ -190,14 +192,15 @@ def run_prune(s: Settings, progress: bool = True) -> dict:
         where = s.where("divisible")
         warnings.warn(f"{where + ': divisible=' if where else 'divisible '}{divisible}: the analysis was measured "
                       f"with divisible={sens.divisible}, so its losses are for slightly different channel counts")
-    plan = _plan(model, sens, threshold, rate, divisible, excluded)
+    gradual = gradual_values(s)
+    plan = _plan(model, sens, threshold, rate, divisible, excluded) if gradual["steps"] == 1 else None
     inputs = [s["cfg"], s["weights"], s.get("data"), s.get("config")]
     files = {"cfg": ws.file("pruned.cfg"), "weights": Path(s.get("prune_out_weights") or ws.file("pruned.weights")),
              "masks": ws.file("masks.json"), "plan": ws.file("plan.json")}
     for target in (files["weights"], files["cfg"]):
         refuse_overwrite(target, inputs, "the pruned model")
     dataset = validation_set(s.get("data") or sens.data, s.whole("limit") or sens.images)
-    return _mask_and_measure(s, model, ws, sens, plan, dataset, files, progress)
+    return _mask_and_measure(s, model, ws, sens, plan, dataset, files, progress, gradual, excluded, divisible)
 
 
 def _plan(model, sens, threshold, rate, divisible, excluded):
@@ -207,17 +210,28 @@ def _plan(model, sens, threshold, rate, divisible, excluded):
     return plan_by_rate(model, sens, rate, divisible, excluded)
 
 
-def _mask_and_measure(s, model, ws, sens, plan, dataset, files, progress) -> dict:
-    from ..evaluate import evaluate
-    from ..prune.analysis import data_digest
-    from ..prune.masks import apply_masks, structure_fingerprint
+def _cut(s, model, ws, sens, plan, dataset, progress, gradual, excluded, divisible):
+    """(the masked model, its masks, its plan, the gradual steps' records or None)."""
+    from ..prune.masks import apply_masks
     from ..prune.plan import masks_for_plan
-    batch = s.whole("batch") or 16
+    if gradual["steps"] > 1:
+        from .gradual_step import run_gradual
+        result = run_gradual(s, model, ws, sens, dataset, gradual, divisible, excluded, progress, _quiet)
+        return result.model, result.masks, result.plans[-1], [r.to_json() for r in result.steps]
     masks = masks_for_plan(model, plan)
     masked = apply_masks(model, masks)
     if s.get("compensate"):         # fold the pruned channels' constants into the layers reading them
         from ..prune.compensate import compensate
         masked = compensate(model, masked, masks)
+    return masked, masks, plan, None
+
+
+def _mask_and_measure(s, model, ws, sens, plan, dataset, files, progress, gradual, excluded, divisible) -> dict:
+    from ..evaluate import evaluate
+    from ..prune.analysis import data_digest
+    from ..prune.masks import structure_fingerprint
+    batch = s.whole("batch") or 16
+    masked, masks, plan, steps = _cut(s, model, ws, sens, plan, dataset, progress, gradual, excluded, divisible)
     same_images = data_digest(dataset) == sens.data_digest
     before = {sens.metric: sens.baseline} if same_images else evaluate(model, dataset, batch=batch, progress=progress)
     after = evaluate(masked, dataset, batch=batch, progress=progress)
@@ -227,12 +241,15 @@ def _mask_and_measure(s, model, ws, sens, plan, dataset, files, progress) -> dic
     masks.save(files["masks"])
     masked.save(files["cfg"], files["weights"])
     ws.save_config("prune", absolute_settings(s, ("cfg", "weights", "data", "threshold", "rate", "exclude",
-                                                  "divisible", "limit", "prune_out_weights", "compensate")))
+                                                  "divisible", "limit", "prune_out_weights", "compensate",
+                                                  "steps", "step_iters", "step_lr", "seed")))
     summary = summary_rows(model, masks, before, after, sens.metric)
     summary.update({"mode": plan.mode, "target": plan.target, "predicted_loss": plan.predicted_loss,
                     "measured_loss": before[sens.metric] - after[sens.metric], "images": len(dataset),
                     "groups_pruned": len(masks.pruned), "channels_pruned": masks.total_pruned,
                     "compensated": bool(s.get("compensate")), "files": {k: str(v) for k, v in files.items()}})
+    if steps is not None:
+        summary.update({"steps": gradual["steps"], "step_iters": gradual["step_iters"], "gradual": steps})
     ws.update_summary("prune", summary)
     return summary
 

@@ -1,0 +1,78 @@
+"""`darkprune prune --steps K`: reach the target in K cuts, each recovered before the next (prune/gradual.py).
+
+Between cuts the model is finetuned for `--step-iters` iterations on the .data file's train= list (never its
+valid= list, on which the steps are measured), with the masks held. The last step's masked pair, masks and plan are
+written where a one-cut `prune` writes them, so `finetune` and `transform` follow as usual; every finished step is
+kept in WORKSPACE/gradual/step<i>/. Rerunning the same command resumes at the first unfinished step; other settings
+start the steps afresh.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+
+from ..errors import DarkpruneError, SettingError
+from .settings import Settings
+
+STEP_KEYS = ["steps", "step_iters", "step_lr", "seed"]
+GRADUAL_DIR = "gradual"
+
+
+def gradual_values(s: Settings) -> dict:
+    from ..prune.gradual import check_steps
+    steps = check_steps(s.get("steps") or 1)
+    iters = s.whole("step_iters")
+    if steps > 1 and iters is None:
+        raise SettingError("step_iters", "step_iters is required with steps > 1: the finetuning iterations after "
+                                         "each cut (e.g. 100)")
+    return {"steps": steps, "step_iters": iters or 0, "step_lr": s.number("step_lr"),
+            "seed": s.whole("seed", low=0) or 0}
+
+
+def _training_data(path):
+    """The .data file whose train= list the steps finetune on (the one given, else the analysis'); refused when
+    it has none."""
+    from ..data import load_data
+    if not path:
+        raise SettingError("data", "data F.data is required with steps > 1 (its train= list is finetuned on)")
+    train = load_data(path, split="train")
+    if not len(train):
+        raise DarkpruneError(f"{path}: its train= list holds no images; the steps need images to finetune on")
+    return path
+
+
+def _resumable(folder, record: dict) -> bool:
+    """True when WORKSPACE/gradual holds steps of a run with the same settings; otherwise it is cleared."""
+    marker = folder / "run.json"
+    if marker.exists():
+        try:
+            if json.loads(marker.read_text()) == record:
+                return True
+        except (OSError, ValueError):
+            pass
+    if folder.exists():
+        shutil.rmtree(folder)
+    return False
+
+
+def run_gradual(s: Settings, model, ws, sens, dataset, values: dict, divisible: int, excluded, progress: bool,
+                log, extra_options: dict | None = None, calibration=None):
+    """The last step's masked model (its .masks set), its plan and the per-step records."""
+    from ..prune.gradual import prune_gradually
+    from ..util.jsonio import write_json
+    rate, threshold = s.number("rate"), s.number("threshold")
+    data = _training_data(s.get("data") or sens.data)
+    options = {"seed": values["seed"], "learning_rate": values["step_lr"], **(extra_options or {})}
+    folder = ws.file(GRADUAL_DIR)
+    record = {"rate": rate, "threshold": threshold, "steps": values["steps"], "step_iters": values["step_iters"],
+              "divisible": divisible, "exclude": sorted(int(g) for g in excluded), "weights": str(model.weights_path),
+              "data": str(data), "options": {k: str(v) for k, v in sorted(options.items())},
+              "calibration": None if calibration is None else len(calibration)}
+    resume = _resumable(folder, record)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json(folder / "run.json", record)
+    result = prune_gradually(model, sens, values["steps"], data, values["step_iters"], rate=rate,
+                             threshold=threshold, calibration=calibration, eval_data=dataset,
+                             exclude=excluded, divisible=divisible, finetune_options=options, workspace=folder,
+                             resume=resume, progress=progress, log=log)
+    return result
