@@ -1,0 +1,281 @@
+"""Prune Yolo-Fastest 1.1 and win its accuracy back: the recipe of README's "Pruning without losing accuracy".
+
+    PYTHONPATH=. .venv/bin/python scripts/recover_yolo_fastest.py -w recover [--quick]
+
+Data: `--data` (default ../shared/assets/coco128/coco128.data) gives the images. Its train= list (128 COCO train2017
+images) is the only one trained on, analysed on and calibrated on; its valid= list (the 128 held-out val2017 images,
+full size) is only measured. The sensitivity analysis runs on the train images too, so that nothing about the
+held-out images steers the plan.
+
+1. The curve: for each target share of BFLOPs removed (`--targets`, default 10/20/30/40%) one plan (plan_by_rate
+   on the analysis), measured four ways, each column on the same plan: plain masking; + bias compensation;
+   + reconstruction (least squares on `--calib-images` train images, no labels used); + `--curve-iters` iterations
+   of finetuning distilled from the unpruned model.
+2. The recovered model: `--final` of the BFLOPs removed in `--steps` cuts (prune/gradual.py), each compensated,
+   reconstructed and finetuned for `--step-iters` distilled iterations, then `--final-iters` more; transformed into a
+   physically smaller pair, checked to load in OpenCV's Darknet importer (and its head outputs compared with ours),
+   measured, and timed in both engines.
+
+Writes WORKSPACE/recover.json and WORKSPACE/recover.md (the table README quotes) and the pair
+WORKSPACE/recovered.cfg/.weights. Every stage is saved as it finishes; rerunning the command resumes.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import darkprune as dp  # noqa: E402
+from darkprune.errors import DarkpruneError  # noqa: E402
+from darkprune.util.files import atomic_write_text  # noqa: E402
+from darkprune.util.jsonio import write_json  # noqa: E402
+
+CFG = ROOT / "cfg" / "yolo-fastest-1.1.cfg"
+WEIGHTS = ROOT / "weights" / "yolo-fastest-1.1.weights"
+DATA = ROOT.parent / "shared" / "assets" / "coco128" / "coco128.data"
+
+
+def arguments(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--cfg", default=str(CFG))
+    p.add_argument("--weights", default=str(WEIGHTS))
+    p.add_argument("--data", default=str(DATA), help=".data: train= is trained on, valid= only measured")
+    p.add_argument("-w", "--workspace", default="recover")
+    p.add_argument("--targets", default="0.1,0.2,0.3,0.4", help="shares of BFLOPs removed in the curve")
+    p.add_argument("--final", type=float, default=0.3, help="share of BFLOPs the recovered model removes")
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--step-iters", type=int, default=100)
+    p.add_argument("--final-iters", type=int, default=300)
+    p.add_argument("--curve-iters", type=int, default=100)
+    p.add_argument("--calib-images", type=int, default=256)
+    p.add_argument("--distill-weight", type=float, default=1.0)
+    p.add_argument("--lr", type=float, default=None, help="finetuning learning rate (default: the cfg's)")
+    p.add_argument("--rates", default="0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9", help="the analysis' rates")
+    p.add_argument("--limit", type=int, default=None, help="measure on the first N held-out images only")
+    p.add_argument("--skip-curve", action="store_true", help="only the recovered model")
+    p.add_argument("--quick", action="store_true", help="a few images and iterations: checks the recipe runs")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.targets, args.steps, args.step_iters, args.final_iters, args.curve_iters = "0.2", 2, 2, 2, 2
+        args.calib_images, args.rates, args.limit = 8, "0.3,0.6", args.limit or 8
+    return args
+
+
+class Stages:
+    """The workspace's record of finished stages (recover.stages.json): a stage is computed once."""
+
+    def __init__(self, folder: Path, settings: dict):
+        self.path = folder / "recover.stages.json"
+        self.data = json.loads(self.path.read_text()) if self.path.exists() else {}
+        if self.data.get("settings") != settings:
+            self.data = {"settings": settings}
+
+    def get(self, key):
+        return self.data.get(key)
+
+    def put(self, key, value):
+        self.data[key] = value
+        write_json(self.path, self.data)
+        return value
+
+
+def plan_data(args, folder: Path) -> Path:
+    """A .data whose valid= list is the train= list: the analysis measures on training images only."""
+    from darkprune.data.darknet_data import load_data
+    train = load_data(args.data, split="train")
+    listing = folder / "analysis-images.txt"
+    atomic_write_text(listing, "".join(f"{os.path.abspath(p)}\n" for p in train.image_paths))
+    names = next((line.split("=", 1)[1].strip() for line in Path(args.data).read_text().splitlines()
+                  if line.strip().startswith("names")), None)
+    names_path = (Path(args.data).parent / names).resolve() if names else None
+    out = folder / "analysis.data"
+    atomic_write_text(out, f"classes={train.classes}\nvalid={listing}\n" + (f"names={names_path}\n" if names_path
+                                                                             else ""))
+    return out
+
+
+def measure(model, held_out, limit) -> float:
+    return float(dp.evaluate(model, held_out, limit=limit, progress=False)["map50"])
+
+
+def finetuned(model, args, masks, teacher, folder: Path, iters: int):
+    """A distilled finetune of a copy of `model`, resumable in `folder`."""
+    copy = model.copy()
+    copy.masks = masks
+    options = {"teacher": teacher, "distill_weight": args.distill_weight} if teacher is not None else {}
+    dp.finetune(copy, args.data, iters, masks=masks, learning_rate=args.lr, workspace=folder,
+                resume=(folder / "finetune").is_dir(), progress=True, **options)
+    return copy
+
+
+def calibration(args):
+    """The calibration images: the train= list (mirrored copies when it holds fewer than asked)."""
+    from darkprune.prune.reconstruct import calibration_images
+    return calibration_images(args.data, args.calib_images)
+
+
+def cut(model, masks, calib, reconstruct: bool):
+    from darkprune.prune.compensate import compensate
+    from darkprune.prune.masks import apply_masks
+    masked = compensate(model, apply_masks(model, masks), masks)
+    if reconstruct:
+        from darkprune.prune.reconstruct import reconstruct as refit
+        masked = refit(model, masked, calib, masks, progress=True)
+    masked.masks = masks
+    return masked
+
+
+def curve_row(model, sens, target, args, stages, folder, held_out, calib):
+    from darkprune.prune.masks import apply_masks, live_stats
+    from darkprune.prune.plan import masks_for_plan, plan_by_rate
+    key = f"curve/{target:g}"
+    row = stages.get(key) or {}
+    plan = plan_by_rate(model, sens, target)
+    masks = masks_for_plan(model, plan)
+    stats = live_stats(model, masks)
+    row.update({"target": target, "bflops": stats["total_bflops"], "params": stats["total_params"],
+                "removed": 1 - stats["total_bflops"] / stats["total_bflops_before"]})
+    if "masked" not in row:
+        row["masked"] = stages.put(key, {**row, "masked": measure(apply_masks(model, masks), held_out,
+                                                                   args.limit)})["masked"]
+    if "compensated" not in row:
+        row["compensated"] = measure(cut(model, masks, calib, False), held_out, args.limit)
+        stages.put(key, row)
+    if "reconstructed" not in row:
+        start = time.perf_counter()
+        refit = cut(model, masks, calib, True)
+        row["reconstruct_seconds"] = time.perf_counter() - start
+        row["reconstructed"] = measure(refit, held_out, args.limit)
+        stages.put(key, row)
+    if "distilled" not in row:
+        refit = cut(model, masks, calib, True)
+        tuned = finetuned(refit, args, masks, model, folder / f"curve-{target:g}", args.curve_iters)
+        row["distilled"] = measure(tuned, held_out, args.limit)
+        stages.put(key, row)
+    print(f"curve {target:.0%}: masked {row['masked']:.4f}, compensated {row['compensated']:.4f}, "
+          f"reconstructed {row['reconstructed']:.4f}, distilled finetune {row['distilled']:.4f}", file=sys.stderr)
+    return row
+
+
+def recovered(model, sens, args, stages, folder, held_out, calib):
+    """The gradual run to --final, its last finetune, and the transformed pair (paths, mAPs, timing)."""
+    from darkprune.prune.gradual import prune_gradually
+    options = {"teacher": model, "distill_weight": args.distill_weight, "learning_rate": args.lr}
+    run = prune_gradually(model, sens, args.steps, args.data, args.step_iters, rate=args.final,
+                          calibration=calib, eval_data=load_held_out(args), finetune_options=options,
+                          workspace=folder / "gradual", resume=True, progress=True, log=print_err)
+    steps = [s.to_json() for s in run.steps]
+    last = stages.get("final") or {}
+    if "after_final_finetune" not in last:
+        tuned = finetuned(run.model, args, run.masks, model, folder / "final", args.final_iters)
+        small = dp.transform(tuned, run.masks)
+        small.save(folder / "recovered.cfg", folder / "recovered.weights")
+        last = stages.put("final", {"after_final_finetune": measure(small, held_out, args.limit)})
+    return steps, last
+
+
+def load_held_out(args):
+    from darkprune.evaluate import load_dataset
+    from darkprune.data.darknet_data import load_data
+    return load_dataset(load_data(args.data, split="valid"), args.limit)
+
+
+def print_err(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def opencv_check(model, small_cfg: Path, small_weights: Path, held_out) -> dict:
+    """Load the pair in OpenCV's Darknet importer and compare its head-input outputs with ours on 4 images."""
+    import cv2
+    from darkprune.data.preprocess import preprocess_image
+    from darkprune.engine.network import Network
+    small = dp.load(str(small_cfg), str(small_weights))
+    net = cv2.dnn.readNetFromDarknet(str(small_cfg), str(small_weights))
+    heads = [layer.index - 1 for layer in small.graph if layer.type == "yolo"]
+    names = net.getLayerNames()
+    c, h, w = small.input_shape
+    x = np.stack([preprocess_image(p, w, h)[0] for p in held_out.image_paths[:4]]).astype(np.float32)
+    ours = Network(small).forward(x, outputs=heads)
+    net.setInput(x)
+    theirs = net.forward([names[i] for i in heads])
+    worst = max(float(np.abs(ours[i] - t).max() / max(np.abs(ours[i]).max(), 1e-6)) for i, t in zip(heads, theirs))
+    return {"opencv_loads": True, "opencv_max_difference": worst}
+
+
+def main(argv=None) -> int:
+    args = arguments(argv)
+    folder = Path(args.workspace)
+    folder.mkdir(parents=True, exist_ok=True)
+    settings = {k: v for k, v in vars(args).items() if k not in ("workspace", "skip_curve")}
+    stages = Stages(folder, settings)
+    model = dp.load(args.cfg, args.weights)
+    held_out = load_held_out(args)
+    rates = [float(r) for r in args.rates.split(",")]
+    sens = dp.analyze(model, plan_data(args, folder), rates=rates, limit=8 if args.quick else None,
+                      out_path=folder / "sensitivity.json", progress=True)
+    baseline = stages.get("original") or stages.put("original", measure(model, held_out, args.limit))
+    calib = calibration(args)
+    rows = [] if args.skip_curve else [curve_row(model, sens, float(t), args, stages, folder, held_out, calib)
+                                       for t in args.targets.split(",")]
+    steps, final = recovered(model, sens, args, stages, folder, held_out, calib)
+    report = finish(model, args, folder, baseline, rows, steps, final, held_out)
+    print(report["markdown"])
+    return 0
+
+
+def finish(model, args, folder, baseline, rows, steps, final, held_out) -> dict:
+    from darkprune.workflow.timing import latencies
+    small = dp.load(str(folder / "recovered.cfg"), str(folder / "recovered.weights"))
+    check = opencv_check(model, folder / "recovered.cfg", folder / "recovered.weights", held_out)
+    timing = latencies([model, small], repeats=15)
+    result = {"original": {"map50": baseline, "bflops": model.graph.total_bflops,
+                           "params": model.graph.total_params, **_ms(timing[0])},
+              "curve": rows, "steps": steps,
+              "recovered": {"map50": final["after_final_finetune"], "bflops": small.graph.total_bflops,
+                            "params": small.graph.total_params, **_ms(timing[1]), **check,
+                            "cfg": str(folder / "recovered.cfg"), "weights": str(folder / "recovered.weights")},
+              "settings": {k: v for k, v in vars(args).items()}, "images": len(held_out)}
+    result["markdown"] = markdown(result)
+    write_json(folder / "recover.json", result)
+    atomic_write_text(folder / "recover.md", result["markdown"] + "\n")
+    return result
+
+
+def _ms(t: dict) -> dict:
+    return {"ours_ms": round(t["ours_ms"], 2), "opencv_ms": round(t["opencv_ms"], 2) if t["opencv_ms"] else None}
+
+
+def markdown(r: dict) -> str:
+    o, f = r["original"], r["recovered"]
+    lines = [f"mAP@0.5 on {r['images']} held-out coco128 val2017 images (full size); trained, analysed and "
+             f"calibrated on the 128 train2017 images only",
+             "", "| BFLOPs removed | BFLOPs | params | masked | + compensation | + reconstruction | "
+                 "+ distilled finetune |", "|---|---|---|---|---|---|---|"]
+    for row in r["curve"]:
+        lines.append(f"| {row['removed']:.1%} | {row['bflops']:.4f} | {row['params']:,} | {row['masked']:.4f} | "
+                     f"{row['compensated']:.4f} | {row['reconstructed']:.4f} | {row['distilled']:.4f} |")
+    lines += ["", "| model | BFLOPs | params | mAP@0.5 | ours ms | OpenCV ms |", "|---|---|---|---|---|---|",
+              f"| original | {o['bflops']:.4f} | {o['params']:,} | {o['map50']:.4f} | {o['ours_ms']} | "
+              f"{o['opencv_ms']} |"]
+    for s in r["steps"]:
+        lines.append(f"| step {s['step']} (cut, then finetuned) | {s['bflops']:.4f} | {s['params']:,} | "
+                     f"{s['metric_before_finetune']:.4f} -> {s['metric_after_finetune']:.4f} | | |")
+    lines.append(f"| recovered ({1 - f['bflops'] / o['bflops']:.1%} fewer BFLOPs) | {f['bflops']:.4f} | "
+                 f"{f['params']:,} | {f['map50']:.4f} | {f['ours_ms']} | {f['opencv_ms']} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except DarkpruneError as exc:
+        print(f"recover_yolo_fastest: error: {exc}", file=sys.stderr)
+        sys.exit(1)
