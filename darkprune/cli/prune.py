@@ -40,8 +40,15 @@ def cmd_prune(args) -> tuple[dict, str]:
     text = format_summary(f"prune {what}: {summary['groups_pruned']} groups, {summary['channels_pruned']} channels "
                           f"masked (predicted {metric} loss {summary['predicted_loss']:.4f}, measured "
                           f"{summary['measured_loss']:.4f} on {summary['images']} images"
-                          f"{'; bias compensation applied' if summary.get('compensated') else ''})", summary)
+                          f"{_recovery(summary)})", summary)
     return summary, text + f"\nwritten: {files['cfg']}, {files['weights']}, {files['masks']}"
+
+
+def _recovery(summary: dict) -> str:
+    if summary.get("reconstructed"):
+        return (f"; compensated and reconstructed on {summary['calib_images']} calibration images in "
+                f"{summary['reconstruct_seconds']:.1f} s")
+    return "; bias compensation applied" if summary.get("compensated") else ""
 
 
 @command("transform")
@@ -126,6 +133,12 @@ def add_parsers(sub) -> None:
     p.add_argument("--compensate", action="store_true",
                    help="fold each pruned channel's constant output (act of its batch-norm shift or bias) into the "
                         "biases / batch-norm means of the layers reading it (default: off)")
+    p.add_argument("--reconstruct", action="store_true",
+                   help="after compensation, refit the layers reading pruned channels so that their outputs match "
+                        "the unpruned model's on calibration images of the .data file's train= list (no labels "
+                        "needed; never the valid= list)")
+    p.add_argument("--calib-images", dest="calib_images", type=int,
+                   help="calibration images for --reconstruct (default 256; mirrored copies fill a shorter list)")
 
     p = base("transform", "step 4: remove the masked channels for real -> a smaller .cfg/.weights",
              "Remove the channels masked in the workspace (and the inputs of every layer reading them) from WEIGHTS\n"

@@ -17,7 +17,8 @@ from .workspace import Workspace, absolute_settings, check_workspace_path
 
 ANA_KEYS = ["rates", "criterion", "limit", "shard", "exclude", "divisible", "batch", "no_prefix_cache", "merge",
             "ana_out_file", "cluster"]
-PRUNE_KEYS = ["threshold", "rate", "exclude", "divisible", "limit", "batch", "prune_out_weights", "compensate"]
+PRUNE_KEYS = ["threshold", "rate", "exclude", "divisible", "limit", "batch", "prune_out_weights", "compensate",
+              "reconstruct", "calib_images"]
 TRANSFORM_KEYS = ["out", "out_cfg"]
 
 
@@ -197,7 +198,28 @@ def run_prune(s: Settings, progress: bool = True) -> dict:
     for target in (files["weights"], files["cfg"]):
         refuse_overwrite(target, inputs, "the pruned model")
     dataset = validation_set(s.get("data") or sens.data, s.whole("limit") or sens.images)
-    return _mask_and_measure(s, model, ws, sens, plan, dataset, files, progress)
+    calibration = calibration_paths(s, s.get("data") or sens.data) if s["reconstruct"] else None
+    return _mask_and_measure(s, model, ws, sens, plan, dataset, files, progress, calibration)
+
+
+def calibration_paths(s: Settings, data) -> list[str]:
+    """The calibration images of `--reconstruct`: `calib_images` of the .data file's train= list (mirrored copies
+    fill a shorter list), refused when the list shares images with the valid= list the model is measured on."""
+    import os
+
+    from ..data import load_data
+    from ..prune.calibration import train_list
+    count = s.whole("calib_images")
+    if count is None:
+        raise SettingError("calib_images", "calib_images: give the number of calibration images (default 256)")
+    paths = train_list(data)
+    valid = {os.path.realpath(p) for p in load_data(data, "valid").image_paths}
+    shared = [p for p in paths if os.path.realpath(p) in valid]
+    if shared:
+        raise DarkpruneError(f"{data}: {len(shared)} of the train= list's images are in the valid= list too "
+                             f"({shared[0]}); reconstruction calibrates on train= images only, never on the images "
+                             f"the model is measured on")
+    return paths[:count] if len(paths) >= count else paths
 
 
 def _plan(model, sens, threshold, rate, divisible, excluded):
@@ -207,7 +229,7 @@ def _plan(model, sens, threshold, rate, divisible, excluded):
     return plan_by_rate(model, sens, rate, divisible, excluded)
 
 
-def _mask_and_measure(s, model, ws, sens, plan, dataset, files, progress) -> dict:
+def _mask_and_measure(s, model, ws, sens, plan, dataset, files, progress, calibration=None) -> dict:
     from ..evaluate import evaluate
     from ..prune.analysis import data_digest
     from ..prune.masks import apply_masks, structure_fingerprint
@@ -215,9 +237,18 @@ def _mask_and_measure(s, model, ws, sens, plan, dataset, files, progress) -> dic
     batch = s.whole("batch") or 16
     masks = masks_for_plan(model, plan)
     masked = apply_masks(model, masks)
-    if s.get("compensate"):         # fold the pruned channels' constants into the layers reading them
+    if s.get("compensate") or calibration is not None:     # fold the pruned channels' constants into their readers
         from ..prune.compensate import compensate
         masked = compensate(model, masked, masks)
+    recon = {}
+    if calibration is not None:     # then refit the readers to the unpruned outputs on the calibration images
+        from ..prune.calibration import calibration_inputs
+        from ..prune.reconstruct import reconstruct
+        started = time.perf_counter()
+        count = s.whole("calib_images")
+        masked = reconstruct(model, masked, calibration_inputs(model, calibration, count), masks, progress=progress)
+        recon = {"calib_images": count, "calib_files": len(calibration),
+                 "reconstruct_seconds": round(time.perf_counter() - started, 2)}
     same_images = data_digest(dataset) == sens.data_digest
     before = {sens.metric: sens.baseline} if same_images else evaluate(model, dataset, batch=batch, progress=progress)
     after = evaluate(masked, dataset, batch=batch, progress=progress)
@@ -227,12 +258,15 @@ def _mask_and_measure(s, model, ws, sens, plan, dataset, files, progress) -> dic
     masks.save(files["masks"])
     masked.save(files["cfg"], files["weights"])
     ws.save_config("prune", absolute_settings(s, ("cfg", "weights", "data", "threshold", "rate", "exclude",
-                                                  "divisible", "limit", "prune_out_weights", "compensate")))
+                                                  "divisible", "limit", "prune_out_weights", "compensate",
+                                                  "reconstruct", "calib_images")))
     summary = summary_rows(model, masks, before, after, sens.metric)
     summary.update({"mode": plan.mode, "target": plan.target, "predicted_loss": plan.predicted_loss,
                     "measured_loss": before[sens.metric] - after[sens.metric], "images": len(dataset),
                     "groups_pruned": len(masks.pruned), "channels_pruned": masks.total_pruned,
-                    "compensated": bool(s.get("compensate")), "files": {k: str(v) for k, v in files.items()}})
+                    "compensated": bool(s.get("compensate") or calibration is not None),
+                    "reconstructed": calibration is not None, **recon,
+                    "files": {k: str(v) for k, v in files.items()}})
     ws.update_summary("prune", summary)
     return summary
 
