@@ -7,7 +7,9 @@
     boxes = dp.detect(model, ["dog.jpg"])
     sens = dp.analyze(model, data, rates=[0.25, 0.5, 0.75])   # per-group loss curves
     masked = dp.prune(model, sens.plan(threshold=0.01))       # or sens.plan(rate=0.5); compensate=True folds
-                                                              # the pruned channels' constants into their readers
+                                                              # the pruned channels' constants into their readers;
+                                                              # reconstruct=256, data="coco.data" also refits them
+                                                              # on 256 images of its train= list
     dp.transform(masked).save("small.cfg", "small.weights")
 """
 __version__ = "0.1.0"
@@ -57,8 +59,10 @@ class _CallablePackage(_types.ModuleType):
     """`darkprune.prune` is both the pruning subpackage (`import darkprune.prune.masks as m` must keep working) and
     the API's `dp.prune(model, plan)`: calling the package calls `darkprune.prune.plan.prune`."""
 
-    def __call__(self, model, plan, exclude=(), compensate=False):
-        return _importlib.import_module("darkprune.prune.plan").prune(model, plan, exclude, compensate=compensate)
+    def __call__(self, model, plan, exclude=(), compensate=False, reconstruct=None, data=None, progress=False):
+        return _importlib.import_module("darkprune.prune.plan").prune(model, plan, exclude, compensate=compensate,
+                                                                      reconstruct=reconstruct, data=data,
+                                                                      progress=progress)
 
 
 def _prune_package(package):

@@ -40,12 +40,19 @@ def cmd_prune(args) -> tuple[dict, str]:
     text = format_summary(f"prune {what}: {summary['groups_pruned']} groups, {summary['channels_pruned']} channels "
                           f"masked (predicted {metric} loss {summary['predicted_loss']:.4f}, measured "
                           f"{summary['measured_loss']:.4f} on {summary['images']} images"
-                          f"{'; bias compensation applied' if summary.get('compensated') else ''})", summary)
+                          f"{_recovery(summary)})", summary)
     for step in summary.get("gradual") or ():
         text += (f"\nstep {step['step']}: {step['bflops']:.4f} BFLOPs, {step['channels_pruned']} channels pruned, "
                  f"{metric} {step['metric_before_finetune']:.4f} after the cut, {step['metric_after_finetune']:.4f} "
                  f"after {summary['step_iters']} iterations")
     return summary, text + f"\nwritten: {files['cfg']}, {files['weights']}, {files['masks']}"
+
+
+def _recovery(summary: dict) -> str:
+    if summary.get("reconstructed"):
+        return (f"; compensated and reconstructed on {summary['calib_images']} calibration images in "
+                f"{summary['reconstruct_seconds']:.1f} s")
+    return "; bias compensation applied" if summary.get("compensated") else ""
 
 
 @command("transform")
@@ -137,6 +144,12 @@ def add_parsers(sub) -> None:
     p.add_argument("--step-lr", dest="step_lr", type=float, help="learning rate of those finetunes (default: the "
                                                                   "cfg's, as finetune takes it)")
     p.add_argument("--seed", type=int, help="seed of the steps' finetunes (default 0)")
+    p.add_argument("--reconstruct", action="store_true",
+                   help="after compensation, refit the layers reading pruned channels so that their outputs match "
+                        "the unpruned model's on calibration images of the .data file's train= list (no labels "
+                        "needed; never the valid= list)")
+    p.add_argument("--calib-images", dest="calib_images", type=int,
+                   help="calibration images for --reconstruct (default 256; mirrored copies fill a shorter list)")
 
     p = base("transform", "step 4: remove the masked channels for real -> a smaller .cfg/.weights",
              "Remove the channels masked in the workspace (and the inputs of every layer reading them) from WEIGHTS\n"

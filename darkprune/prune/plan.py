@@ -18,6 +18,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from ..errors import DarkpruneError, SettingError
 from .groups import Grouping, build_grouping
 from .masks import Masks, live_stats
@@ -45,20 +47,42 @@ class Plan:
                    int(data.get("divisible", 1)), data.get("details", {}))
 
 
-def prune(model, plan, exclude=(), grouping: Grouping | None = None, compensate: bool = False):
+def prune(model, plan, exclude=(), grouping: Grouping | None = None, compensate: bool = False, reconstruct=None,
+          data=None, progress: bool = False):
     """The masked model for `plan` (a Plan, a Masks or {group id: channel indices}): same shapes, the pruned
     channels output exactly zero (see masks.apply_masks). The result carries its Masks as `.masks`. With
-    `compensate`, the constant each pruned channel carried is folded into the layers reading it (compensate.py)."""
+    `compensate`, the constant each pruned channel carried is folded into the layers reading it (compensate.py).
+    `reconstruct`: calibration images (an (N, C, H, W) array, image paths, a Dataset or a .data file, whose train=
+    list is used), or a count of images of the .data file `data`'s train= list (True: 256); the layers reading
+    pruned channels are then refitted to the unpruned outputs (reconstruct.py), after compensation (implied)."""
     from .masks import apply_masks
     if isinstance(plan, Plan):
         masks = masks_for_plan(model, plan, exclude, grouping)
         masked = apply_masks(model, masks, grouping=masks.grouping)
     else:
         masked = apply_masks(model, plan, exclude, grouping)
-    if compensate:
+    images = _calibration_source(reconstruct, data)
+    if compensate or images is not None:
         from .compensate import compensate as fold_constants
         masked = fold_constants(model, masked, masked.masks)
+    if images is not None:
+        from .calibration import calibration_inputs
+        from .reconstruct import reconstruct as refit
+        masked = refit(model, masked, calibration_inputs(model, *images), masked.masks, progress=progress)
     return masked
+
+
+def _calibration_source(reconstruct, data):
+    """(images, count) for calibration_inputs, or None without reconstruction."""
+    from .calibration import DEFAULT_CALIB_IMAGES, check_count
+    if reconstruct is None or reconstruct is False:
+        return None
+    if reconstruct is True or isinstance(reconstruct, (int, np.integer)):
+        if data is None:
+            raise DarkpruneError("prune(reconstruct=N) takes N images of a .data file's train= list: give data=")
+        count = DEFAULT_CALIB_IMAGES if reconstruct is True else check_count(int(reconstruct), "reconstruct")
+        return data, count
+    return reconstruct, None
 
 
 def masks_for_plan(model, plan: Plan, exclude=(), grouping: Grouping | None = None) -> Masks:

@@ -56,7 +56,7 @@ def _resumable(folder, record: dict) -> bool:
 
 
 def run_gradual(s: Settings, model, ws, sens, dataset, values: dict, divisible: int, excluded, progress: bool,
-                log, extra_options: dict | None = None, calibration=None):
+                log, extra_options: dict | None = None, calibration=None, compensate: bool = True):
     """The last step's masked model (its .masks set), its plan and the per-step records."""
     from ..prune.gradual import prune_gradually
     from ..util.jsonio import write_json
@@ -67,12 +67,12 @@ def run_gradual(s: Settings, model, ws, sens, dataset, values: dict, divisible: 
     record = {"rate": rate, "threshold": threshold, "steps": values["steps"], "step_iters": values["step_iters"],
               "divisible": divisible, "exclude": sorted(int(g) for g in excluded), "weights": str(model.weights_path),
               "data": str(data), "options": {k: str(v) for k, v in sorted(options.items())},
-              "calibration": None if calibration is None else len(calibration)}
+              "calibration": None if calibration is None else len(calibration), "compensate": compensate}
     resume = _resumable(folder, record)
     folder.mkdir(parents=True, exist_ok=True)
     write_json(folder / "run.json", record)
     result = prune_gradually(model, sens, values["steps"], data, values["step_iters"], rate=rate,
-                             threshold=threshold, calibration=calibration, eval_data=dataset,
+                             threshold=threshold, compensate=compensate, calibration=calibration, eval_data=dataset,
                              exclude=excluded, divisible=divisible, finetune_options=options, workspace=folder,
                              resume=resume, progress=progress, log=log)
     return result

@@ -26,13 +26,14 @@ DEFAULTS = {
     "rates": "0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9", "criterion": "l1", "limit": None, "shard": None,
     "exclude": "", "divisible": None, "batch": 16, "workspace": "workspace", "threshold": None, "rate": None,
     "out": None, "thresholds": "0.005,0.01,0.02,0.05", "no_prefix_cache": False, "merge": False,
-    "compensate": False, "steps": 1, "step_iters": None, "step_lr": None, "seed": 0,
+    "compensate": False, "reconstruct": False, "calib_images": 256, "steps": 1, "step_iters": None,
+    "step_lr": None, "seed": 0,
 }
 # Settings a pruning config may hold for any of the steps (each step takes its own, ignores the others').
 PRUNING_KEYS = {"cfg", "weights", "data", "workspace", "config", "rates", "criterion", "limit", "shard", "exclude",
                 "divisible", "batch", "no_prefix_cache", "merge", "threshold", "rate", "out", "thresholds",
-                "ana_out_file", "prune_out_weights", "out_cfg", "compensate", "steps", "step_iters",
-                "step_lr", "seed"}
+                "ana_out_file", "prune_out_weights", "out_cfg", "compensate", "reconstruct",
+                "calib_images", "steps", "step_iters", "step_lr", "seed"}
 TRUE_WORDS = ("1", "true", "yes", "on")
 FALSE_WORDS = ("0", "false", "no", "off", "")
 
@@ -265,7 +266,7 @@ def pruning_settings(command: str, given: dict, keys: list[str], known_keys: set
             out.origin[key] = conf.where(key)
         else:
             out[key] = defaults.get(key)
-    for key in ("no_prefix_cache", "merge", "compensate"):
+    for key in ("no_prefix_cache", "merge", "compensate", "reconstruct"):
         if key in out:
             out[key] = out.boolean(key)
     if conf.get("out_cfg") and "out" in keys and not given.get("out"):

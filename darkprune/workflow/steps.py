@@ -19,7 +19,7 @@ from .workspace import Workspace, absolute_settings, check_workspace_path
 ANA_KEYS = ["rates", "criterion", "limit", "shard", "exclude", "divisible", "batch", "no_prefix_cache", "merge",
             "ana_out_file", "cluster"]
 PRUNE_KEYS = ["threshold", "rate", "exclude", "divisible", "limit", "batch", "prune_out_weights", "compensate",
-              "steps", "step_iters", "step_lr", "seed"]
+              "reconstruct", "calib_images", "steps", "step_iters", "step_lr", "seed"]
 TRANSFORM_KEYS = ["out", "out_cfg"]
 
 
@@ -200,7 +200,29 @@ def run_prune(s: Settings, progress: bool = True) -> dict:
     for target in (files["weights"], files["cfg"]):
         refuse_overwrite(target, inputs, "the pruned model")
     dataset = validation_set(s.get("data") or sens.data, s.whole("limit") or sens.images)
-    return _mask_and_measure(s, model, ws, sens, plan, dataset, files, progress, gradual, excluded, divisible)
+    calibration = calibration_paths(s, s.get("data") or sens.data) if s["reconstruct"] else None
+    return _mask_and_measure(s, model, ws, sens, plan, dataset, files, progress, gradual, excluded, divisible,
+                             calibration)
+
+
+def calibration_paths(s: Settings, data) -> list[str]:
+    """The calibration images of `--reconstruct`: `calib_images` of the .data file's train= list (mirrored copies
+    fill a shorter list), refused when the list shares images with the valid= list the model is measured on."""
+    import os
+
+    from ..data import load_data
+    from ..prune.calibration import train_list
+    count = s.whole("calib_images")
+    if count is None:
+        raise SettingError("calib_images", "calib_images: give the number of calibration images (default 256)")
+    paths = train_list(data)
+    valid = {os.path.realpath(p) for p in load_data(data, "valid").image_paths}
+    shared = [p for p in paths if os.path.realpath(p) in valid]
+    if shared:
+        raise DarkpruneError(f"{data}: {len(shared)} of the train= list's images are in the valid= list too "
+                             f"({shared[0]}); reconstruction calibrates on train= images only, never on the images "
+                             f"the model is measured on")
+    return paths[:count] if len(paths) >= count else paths
 
 
 def _plan(model, sens, threshold, rate, divisible, excluded):
@@ -210,28 +232,45 @@ def _plan(model, sens, threshold, rate, divisible, excluded):
     return plan_by_rate(model, sens, rate, divisible, excluded)
 
 
-def _cut(s, model, ws, sens, plan, dataset, progress, gradual, excluded, divisible):
-    """(the masked model, its masks, its plan, the gradual steps' records or None)."""
+def _cut(s, model, ws, sens, plan, dataset, progress, gradual, excluded, divisible, calibration):
+    """(the masked model, its masks, its plan, the gradual steps' records or None, the reconstruction's
+    record)."""
     from ..prune.masks import apply_masks
     from ..prune.plan import masks_for_plan
     if gradual["steps"] > 1:
         from .gradual_step import run_gradual
-        result = run_gradual(s, model, ws, sens, dataset, gradual, divisible, excluded, progress, _quiet)
-        return result.model, result.masks, result.plans[-1], [r.to_json() for r in result.steps]
+        result = run_gradual(s, model, ws, sens, dataset, gradual, divisible, excluded, progress, _quiet,
+                             calibration=calibration, compensate=bool(s.get("compensate") or calibration is not None))
+        return result.model, result.masks, result.plans[-1], [r.to_json() for r in result.steps], {}
     masks = masks_for_plan(model, plan)
     masked = apply_masks(model, masks)
-    if s.get("compensate"):         # fold the pruned channels' constants into the layers reading them
+    if s.get("compensate") or calibration is not None:     # fold the pruned channels' constants into their readers
         from ..prune.compensate import compensate
         masked = compensate(model, masked, masks)
-    return masked, masks, plan, None
+    recon = {}
+    if calibration is not None:     # then refit the readers to the unpruned outputs on the calibration images
+        from ..prune.reconstruct import reconstruct
+        started = time.perf_counter()
+        masked = reconstruct(model, masked, calibration, masks, progress=progress)
+        recon = {"reconstruct_seconds": round(time.perf_counter() - started, 2)}
+    return masked, masks, plan, None, recon
 
 
-def _mask_and_measure(s, model, ws, sens, plan, dataset, files, progress, gradual, excluded, divisible) -> dict:
+def _mask_and_measure(s, model, ws, sens, plan, dataset, files, progress, gradual, excluded, divisible,
+                      calibration=None) -> dict:
     from ..evaluate import evaluate
     from ..prune.analysis import data_digest
     from ..prune.masks import structure_fingerprint
     batch = s.whole("batch") or 16
-    masked, masks, plan, steps = _cut(s, model, ws, sens, plan, dataset, progress, gradual, excluded, divisible)
+    if calibration is not None:
+        from ..prune.calibration import calibration_inputs
+        count = s.whole("calib_images")
+        calib_record = {"calib_images": count, "calib_files": len(calibration)}
+        calibration = calibration_inputs(model, calibration, count)
+    masked, masks, plan, steps, recon = _cut(s, model, ws, sens, plan, dataset, progress, gradual, excluded,
+                                             divisible, calibration)
+    if calibration is not None:
+        recon.update(calib_record)
     same_images = data_digest(dataset) == sens.data_digest
     before = {sens.metric: sens.baseline} if same_images else evaluate(model, dataset, batch=batch, progress=progress)
     after = evaluate(masked, dataset, batch=batch, progress=progress)
@@ -242,12 +281,15 @@ def _mask_and_measure(s, model, ws, sens, plan, dataset, files, progress, gradua
     masked.save(files["cfg"], files["weights"])
     ws.save_config("prune", absolute_settings(s, ("cfg", "weights", "data", "threshold", "rate", "exclude",
                                                   "divisible", "limit", "prune_out_weights", "compensate",
-                                                  "steps", "step_iters", "step_lr", "seed")))
+                                                  "steps", "step_iters", "step_lr", "seed", "reconstruct",
+                                                  "calib_images")))
     summary = summary_rows(model, masks, before, after, sens.metric)
     summary.update({"mode": plan.mode, "target": plan.target, "predicted_loss": plan.predicted_loss,
                     "measured_loss": before[sens.metric] - after[sens.metric], "images": len(dataset),
                     "groups_pruned": len(masks.pruned), "channels_pruned": masks.total_pruned,
-                    "compensated": bool(s.get("compensate")), "files": {k: str(v) for k, v in files.items()}})
+                    "compensated": bool(s.get("compensate") or calibration is not None),
+                    "reconstructed": calibration is not None, **recon,
+                    "files": {k: str(v) for k, v in files.items()}})
     if steps is not None:
         summary.update({"steps": gradual["steps"], "step_iters": gradual["step_iters"], "gradual": steps})
     ws.update_summary("prune", summary)
