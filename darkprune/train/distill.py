@@ -12,14 +12,18 @@ loss. Like the task losses it is a sum over the batch's images (the optimizer di
 [yolo] heads (k-th head of the student against the k-th of the teacher: same mask, anchors, classes and grid).
 Both sides are decoded as Darknet's [yolo] layer and get_yolo_box do: s = the layer's activations (logistic on x, y,
 objectness and classes, then x, y <- x*scale_x_y - (scale_x_y - 1)/2; with new_coords=1 no logistic), the box
-bx = (i + x)/W, by = (j + y)/H, bw = exp(w)*anchor_w/net_w, bh = exp(h)*anchor_h/net_h (new_coords: 4 w^2 anchor/net).
-Per anchor cell, with t the teacher's values and o = t's objectness:
-    KL(t_obj || s_obj) + o * sum_c KL(t_c || s_c) + box_weight * o * 0.5 * sum_{x,y,w,h} (s_box - t_box)^2
+centre (i + x, j + y) in grid cells, the size exp(w)*anchor_w/net_w, exp(h)*anchor_h/net_h (new_coords:
+4 w^2 anchor/net). Per anchor cell, with t the teacher's values and o = t's objectness:
+    KL(t_obj || s_obj) + o * sum_c KL(t_c || s_c)
+      + box_weight * o * 0.5 * [(s_x - t_x)^2 + (s_y - t_y)^2 + (log s_w - log t_w)^2 + (log s_h - log t_h)^2]
 where KL(p || q) = p log(p/q) + (1-p) log((1-p)/(1-q)) is the binary cross-entropy of q against the soft target p
 minus p's own entropy: the same gradient as the BCE, but 0 (and its gradient 0) when the student equals the teacher.
-Through the logistic, d/dz of KL(t || sigma(z)) is sigma(z) - t. The box term is in units of the image (fractions of
-its width and height, what the decoded boxes are). Logs are taken of max(q, 1e-30) so a saturated float32 output
-(q == 1) gives a large finite loss, not inf; the gradient is unaffected.
+Through the logistic, d/dz of KL(t || sigma(z)) is sigma(z) - t. The box is compared where Darknet's own mse box
+loss compares it: the centre in grid cells, the size in log space (so the anchor cancels: log s_w - log t_w is the
+raw difference, 2 log(s_w / t_w) with new_coords). An L2 on the sizes themselves (exp of the raw values) was tried
+first: on random-weight models it gave a box term of 1e4 and inf in the second iteration, and it hardly weighs
+small boxes. Logs are taken of max(q, 1e-30) so a saturated float32 output (q == 1) gives a large finite loss, not
+inf; the gradient is unaffected.
 
 Classifiers (the last [softmax] layer's input, the logits z; `groups` honoured): with temperature T,
     T^2 * KL(softmax(z_t / T) || softmax(z / T)),  gradient T * (softmax(z / T) - softmax(z_t / T))
@@ -69,17 +73,16 @@ def _prob_grad(z, s, t, logistic):
 
 
 @njit(cache=True, error_model="numpy")
-def _size(raw, anchor, net, new_coords):
-    """(decoded w or h, its derivative w.r.t. the raw value)."""
-    if new_coords:
-        return 4.0 * raw * raw * anchor / net, 8.0 * raw * anchor / net
-    v = np.exp(raw) * anchor / net
-    return v, v
+def _log_size(raw, new_coords):
+    """(log of the decoded w or h up to its constant log(anchor / net), its derivative w.r.t. the raw value)."""
+    if new_coords:                   # 4 raw^2 anchor / net
+        v = max(raw, 1e-30)
+        return 2.0 * np.log(v), (2.0 / raw if raw > 1e-30 else 0.0)
+    return raw, 1.0                  # exp(raw) anchor / net
 
 
 @njit(cache=True, error_model="numpy")
-def _yolo_distill_kernel(z, s, t, anchors, mask, classes, net_w, net_h, scale, beta, new_coords, box_weight,
-                         grad, terms):
+def _yolo_distill_kernel(z, s, t, mask, classes, scale, beta, new_coords, box_weight, grad, terms):
     """Loss terms (objectness, classes, box) summed into `terms`, dL/dz into `grad` (see the module doc)."""
     n_batch, _, lh, lw = z.shape
     num = mask.shape[0]
@@ -88,8 +91,6 @@ def _yolo_distill_kernel(z, s, t, anchors, mask, classes, net_w, net_h, scale, b
     for b in range(n_batch):
         for a in range(num):
             c0 = a * entries
-            aw = anchors[2 * mask[a]]
-            ah = anchors[2 * mask[a] + 1]
             for j in range(lh):
                 for i in range(lw):
                     to = np.float64(t[b, c0 + 4, j, i])
@@ -103,28 +104,24 @@ def _yolo_distill_kernel(z, s, t, anchors, mask, classes, net_w, net_h, scale, b
                         terms[1] += to * _kl(tc, sc)
                         grad[b, ch, j, i] = to * _prob_grad(z[b, ch, j, i], sc, tc, logistic)
                     wo = box_weight * to
-                    for e in range(2):          # x, y: (cell + activated) / grid
-                        grid = lw if e == 0 else lh
+                    for e in range(2):          # x, y: the box centre, in grid cells
                         sv = np.float64(s[b, c0 + e, j, i])
-                        d = (sv - np.float64(t[b, c0 + e, j, i])) / grid
+                        d = sv - np.float64(t[b, c0 + e, j, i])
                         terms[2] += wo * 0.5 * d * d
-                        deriv = scale / grid
+                        deriv = scale
                         if logistic:
                             sig = (sv - beta) / scale
                             deriv *= sig * (1.0 - sig)
                         grad[b, c0 + e, j, i] = wo * d * deriv
-                    for e in range(2, 4):       # w, h: decoded from the raw values
-                        anchor = aw if e == 2 else ah
-                        net = net_w if e == 2 else net_h
-                        sv, deriv = _size(np.float64(z[b, c0 + e, j, i]), anchor, net, new_coords)
-                        tv, _ = _size(np.float64(t[b, c0 + e, j, i]), anchor, net, new_coords)
+                    for e in range(2, 4):       # w, h: log of the box size
+                        sv, deriv = _log_size(np.float64(z[b, c0 + e, j, i]), new_coords)
+                        tv, _ = _log_size(np.float64(t[b, c0 + e, j, i]), new_coords)
                         d = sv - tv
                         terms[2] += wo * 0.5 * d * d
                         grad[b, c0 + e, j, i] = wo * d * deriv
 
 
-def yolo_distillation(raw: np.ndarray, teacher_out: np.ndarray, layer, net_w: int, net_h: int,
-                      box_weight: float = 1.0) -> tuple[float, np.ndarray, dict]:
+def yolo_distillation(raw: np.ndarray, teacher_out: np.ndarray, layer, box_weight: float = 1.0) -> tuple[float, np.ndarray, dict]:
     """The [yolo] distillation term of one head: (loss, dL/d raw, {"objectness", "classes", "box": loss parts}).
 
     raw: the student's head input (N, len(mask)*(5+classes), H, W); teacher_out: the teacher's [yolo] layer output
@@ -143,9 +140,8 @@ def yolo_distillation(raw: np.ndarray, teacher_out: np.ndarray, layer, net_w: in
     beta = float(np.float32(-0.5 * (scale - 1.0)))
     grad = np.zeros(raw.shape, np.float64)
     terms = np.zeros(3, np.float64)
-    _yolo_distill_kernel(raw, s, teacher_out, np.asarray(a["anchors"], np.float64), np.asarray(a["mask"], np.int64),
-                         int(a["classes"]), float(net_w), float(net_h), scale, beta, bool(a["new_coords"]),
-                         float(box_weight), grad, terms)
+    _yolo_distill_kernel(raw, s, teacher_out, np.asarray(a["mask"], np.int64), int(a["classes"]), scale, beta,
+                         bool(a["new_coords"]), float(box_weight), grad, terms)
     parts = {"objectness": float(terms[0]), "classes": float(terms[1]), "box": float(terms[2])}
     return float(terms.sum()), grad.astype(raw.dtype), parts
 
@@ -254,15 +250,13 @@ class Teacher:
     def loss(self, student_outputs, images: np.ndarray, box_weight: float = 1.0):
         """(loss, {student layer: dL/d its output}, parts) of one batch; student_outputs(index) gives the
         student's output of a layer (TrainingNetwork.output)."""
-        g = self.graph
         seeds: dict[int, np.ndarray] = {}
         parts: dict[str, float] = {}
         total = 0.0
         for (layer, _), out in zip(self.pairs, self.outputs(images)):
             src = layer.inputs[0]
             if self.detector:
-                loss, grad, terms = yolo_distillation(student_outputs(src), out, layer, g.net["width"],
-                                                      g.net["height"], box_weight)
+                loss, grad, terms = yolo_distillation(student_outputs(src), out, layer, box_weight)
                 for k, v in terms.items():
                     parts[k] = parts.get(k, 0.0) + v
             else:
