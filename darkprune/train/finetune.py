@@ -292,6 +292,21 @@ def _resolve_data(data, split: str):
     raise DarkpruneError(f"data must be a Dataset or the path of a .data file, not {type(data).__name__}")
 
 
+def _train_data(data, distilling: bool):
+    """The training Dataset; with a teacher, load_data's note on images without a label file says what they get."""
+    import warnings
+    if not distilling:
+        return _resolve_data(data, "train")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train_set = _resolve_data(data, "train")
+    for w in caught:
+        text = str(w.message).replace("(counted as images without objects)",
+                                      "(with the teacher: distillation only, no task loss)")
+        warnings.warn(text, w.category, stacklevel=3)
+    return train_set
+
+
 def _metric_name(model: Model) -> str:
     return metric_name(model.graph)
 
@@ -354,7 +369,7 @@ def finetune(model: Model, data, iters: int | None = None, masks=None, batch: in
     iters = _iteration_count(model, iters, checkpoint_every, eval_every)
     mini_batch, subdivisions = split_batch(graph, batch, subdivisions)
     metric = _metric_name(model)
-    train_set = _resolve_data(data, "train")
+    train_set = _train_data(data, teacher is not None)
     eval_data, keep = _evaluation_data(data, train_set, eval_data, eval_every, keep)
 
     distill = _distillation(model, train_set, teacher, distill_weight, distill_temperature)
