@@ -6,7 +6,8 @@ import argparse
 from .common import add_common, command, given, logger, option_keys, parsers, progress
 
 KEYS = ["cfg", "weights", "data", "workspace", "config", "iters", "lr", "batch", "subdivisions", "checkpoint_every",
-        "eval_every", "limit", "resume", "seed", "bn_momentum", "engine", "darknet", "gpus", "transformed", "threads"]
+        "eval_every", "limit", "resume", "seed", "bn_momentum", "engine", "darknet", "gpus", "transformed", "threads",
+        "teacher", "teacher_weights", "distill_weight", "distill_temperature"]
 
 
 @command("finetune")
@@ -54,5 +55,12 @@ def add_parser(sub) -> None:
     p.add_argument("--transformed", action="store_true",
                    help="--engine darknet: train the transformed (smaller, dense) model; Darknet cannot hold "
                         "masks, the smaller model needs none")
+    p.add_argument("--teacher", help="distil from a teacher: 'original' (the workspace's unpruned model) or a "
+                                     "teacher .cfg (with --teacher-weights); train= may then list unlabeled images")
+    p.add_argument("--teacher-weights", dest="teacher_weights", help="the teacher cfg's .weights")
+    p.add_argument("--distill-weight", dest="distill_weight", type=float,
+                   help="weight of the distillation term (default 1)")
+    p.add_argument("--distill-temperature", dest="distill_temperature", type=float,
+                   help="softmax temperature of a classifier's distillation (default 4; [yolo] heads use none)")
     add_common(p)
 

@@ -68,10 +68,13 @@ class TrainBatch:
     """One (mini-)batch for `loss_and_gradients`: the network inputs and the ground truth.
 
     images: (N, C, H, W) float, the network input. Detection: `truths` = per image a (k, 5) array of rows
-    (class, cx, cy, w, h), normalised. Classification: `labels` = (N,) class indices (-1: unlabeled)."""
+    (class, cx, cy, w, h), normalised. Classification: `labels` = (N,) class indices (-1: unlabeled).
+    `labeled`: None (every image has ground truth), or (N,) bool: the images the task loss is computed on (the
+    others, e.g. without a label file when a teacher distils, get none)."""
     images: np.ndarray
     truths: list | None = None
     labels: np.ndarray | None = None
+    labeled: np.ndarray | None = None
 
 
 @dataclass

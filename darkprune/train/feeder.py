@@ -20,7 +20,7 @@ class BatchFeeder:
     """Darknet-style training mini-batches, each a pure function of (seed, iteration, subdivision): random images
     (with replacement) from the dataset, augmented from the cfg. Prepares the next mini-batch on a thread."""
 
-    def __init__(self, dataset, graph, mini_batch: int, seed: int, threads: int = 2):
+    def __init__(self, dataset, graph, mini_batch: int, seed: int, threads: int = 2, unlabeled: bool = False):
         from ..data import load_image
         from .augment import ClassifierAugment, DetectionAugment
         self.dataset = dataset
@@ -40,6 +40,7 @@ class BatchFeeder:
             self.augment = ClassifierAugment.from_graph(graph)
         if len(dataset) == 0:
             raise DarkpruneError(f"{dataset.source}: the training list is empty")
+        self.labeled = labeled_images(dataset) if unlabeled else None
         self._load_image = load_image
         self._cache: dict[int, np.ndarray] = {}
         self._cache_bytes = 0
@@ -71,9 +72,11 @@ class BatchFeeder:
         seeds = rng.integers(0, 2 ** 63 - 1, self.mini_batch)
         items = list(self._pool.map(self._one, picks.tolist(), seeds.tolist()))
         images = np.stack([it[0] for it in items]).astype(np.float32, copy=False)
+        labeled = None if self.labeled is None else self.labeled[picks]
         if self.detector:
-            return TrainBatch(images, truths=[np.asarray(it[1], np.float32).reshape(-1, 5) for it in items])
-        return TrainBatch(images, labels=np.array([it[1] for it in items], np.int64))
+            return TrainBatch(images, truths=[np.asarray(it[1], np.float32).reshape(-1, 5) for it in items],
+                              labeled=labeled)
+        return TrainBatch(images, labels=np.array([it[1] for it in items], np.int64), labeled=labeled)
 
     def get(self, iteration: int, subdivision: int, following: tuple[int, int] | None = None) -> TrainBatch:
         """The mini-batch (iteration, subdivision); starts preparing `following` in the background."""
@@ -84,6 +87,16 @@ class BatchFeeder:
         if future is not None:
             return future.result()
         return self._build(*key)
+
+
+def labeled_images(dataset) -> np.ndarray:
+    """(N,) bool: the images that have ground truth: a label file (detection; an empty one counts: no objects),
+    a label name in the path (classification)."""
+    if dataset.kind == "classification":
+        return np.asarray(dataset.labels) >= 0
+    if not dataset.label_paths:                   # a Dataset built in memory: its boxes are the ground truth
+        return np.ones(len(dataset), bool)
+    return np.array([p is not None for p in dataset.label_paths], bool)
 
 
 class _Background:

@@ -97,6 +97,7 @@ class FinetuneResult:
     images_per_second: float
     schedule: dict
     files: dict = field(default_factory=dict)
+    distill: dict | None = None          # the teacher (cfg, weights, digest), distill_weight, temperature
 
     def to_json(self) -> dict:
         return {
@@ -107,6 +108,7 @@ class FinetuneResult:
             "final_loss": self.losses[-1] if self.losses else None,
             "final_avg_loss": self.avg_losses[-1] if self.avg_losses else None,
             "evaluations": self.evaluations, "schedule": self.schedule, "files": self.files,
+            "distill": self.distill,
         }
 
 
@@ -290,6 +292,21 @@ def _resolve_data(data, split: str):
     raise DarkpruneError(f"data must be a Dataset or the path of a .data file, not {type(data).__name__}")
 
 
+def _train_data(data, distilling: bool):
+    """The training Dataset; with a teacher, load_data's note on images without a label file says what they get."""
+    import warnings
+    if not distilling:
+        return _resolve_data(data, "train")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train_set = _resolve_data(data, "train")
+    for w in caught:
+        text = str(w.message).replace("(counted as images without objects)",
+                                      "(with the teacher: distillation only, no task loss)")
+        warnings.warn(text, w.category, stacklevel=3)
+    return train_set
+
+
 def _metric_name(model: Model) -> str:
     return metric_name(model.graph)
 
@@ -337,9 +354,14 @@ def finetune(model: Model, data, iters: int | None = None, masks=None, batch: in
              checkpoint_every: int = 100, eval_every: int | None = None, eval_data=None,
              eval_limit: int | None = None, resume: bool = False, seed: int = 0, callbacks=None,
              progress: bool = True, keep: str | None = None, bn_momentum: float | None = None,
-             data_threads: int = 2) -> FinetuneResult:
+             data_threads: int = 2, teacher: Model | None = None, distill_weight: float = 1.0,
+             distill_temperature: float | None = None) -> FinetuneResult:
     """Finetune `model` in place on `data` (a .data path, whose train= list is used, or a Dataset); see the module
-    doc. Returns a FinetuneResult; `result.model` is `model`, holding the kept weights."""
+    doc. Returns a FinetuneResult; `result.model` is `model`, holding the kept weights.
+
+    teacher: a Model (typically the unpruned one) whose outputs the loss also pulls the student towards, times
+    `distill_weight` (see train/distill.py; `distill_temperature`: classifiers only, default 4). With a teacher,
+    images of the train list without ground truth get no task loss, only the distillation term."""
     from ..prune.masks import Masks, structure_fingerprint
     from ..util.folder import Folder as Workspace   # the run's output folder
 
@@ -347,9 +369,10 @@ def finetune(model: Model, data, iters: int | None = None, masks=None, batch: in
     iters = _iteration_count(model, iters, checkpoint_every, eval_every)
     mini_batch, subdivisions = split_batch(graph, batch, subdivisions)
     metric = _metric_name(model)
-    train_set = _resolve_data(data, "train")
+    train_set = _train_data(data, teacher is not None)
     eval_data, keep = _evaluation_data(data, train_set, eval_data, eval_every, keep)
 
+    distill = _distillation(model, train_set, teacher, distill_weight, distill_temperature)
     held, held_stats = parameter_masks(model, masks)
     if isinstance(masks, Masks) and getattr(model, "masks", None) is None:
         model.masks = masks                # what `transform` uses by default, as apply_masks leaves it
@@ -369,13 +392,39 @@ def finetune(model: Model, data, iters: int | None = None, masks=None, batch: in
         checkpoint_every=checkpoint_every, resume=resume, progress=progress, settings={
             "structure": structure_fingerprint(graph), "batch": mini_batch * subdivisions,
             "subdivisions": subdivisions, "bn_momentum": net.bn_momentum, "learning_rate": schedule.learning_rate,
-            "seed": int(seed), "masks": _mask_digest(held, held_stats), "iters": iters})
+            "seed": int(seed), "masks": _mask_digest(held, held_stats), "iters": iters,
+            **_distill_settings(distill)})
     cbs = _callbacks(callbacks)
     evaluation = _Evaluation(eval_data, eval_limit, eval_every, metric, keep, ws, cbs)
-    feeder = BatchFeeder(train_set, graph, mini_batch, seed, data_threads)
-    loop = TrainingLoop(model, net, opt, schedule, feeder, settings,
-                        hooks=[_HoldMasks(held_stats), _Callbacks(cbs), evaluation])
-    return _finish(model, loop.run(), evaluation, schedule, ws, ckpt_dir)
+    feeder = BatchFeeder(train_set, graph, mini_batch, seed, data_threads, unlabeled=distill is not None)
+    hooks = [_HoldMasks(held_stats), _Callbacks(cbs), evaluation] + ([distill] if distill is not None else [])
+    loop = TrainingLoop(model, net, opt, schedule, feeder, settings, hooks=hooks)
+    result = _finish(model, loop.run(), evaluation, schedule, ws, ckpt_dir)
+    result.distill = distill.describe() if distill is not None else None
+    return result
+
+
+def _distillation(model: Model, train_set, teacher, weight, temperature):
+    """The Distillation hook (None without a teacher). Without one, a train list without any ground truth is
+    refused (each image would teach "no objects"); a partly unlabeled one keeps Darknet's reading (load_data warns)."""
+    from .distill import Distillation
+    from .feeder import labeled_images
+    if teacher is None:
+        if len(train_set) and not labeled_images(train_set).any():
+            what = "label file" if train_set.kind == "detection" else "label name in its path"
+            raise DarkpruneError(f"{train_set.source or 'the training set'}: no training image has a {what}; give a teacher to train "
+                                 f"on unlabeled images (distillation), or the labels")
+        return None
+    return Distillation(teacher, model.graph, weight, temperature)
+
+
+def _distill_settings(distill) -> dict:
+    """What a checkpoint records of the distillation (a resume must use the same teacher and weight)."""
+    if distill is None:      # also what a checkpoint without these keys (made before distillation existed) reads
+        return {"teacher": None, "distill_weight": None, "distill_temperature": None}
+    d = distill.describe()
+    return {"teacher": d["teacher_digest"], "distill_weight": d["distill_weight"],
+            "distill_temperature": d["distill_temperature"]}
 
 
 def _finish(model: Model, run, evaluation: _Evaluation, schedule, ws, ckpt_dir) -> FinetuneResult:

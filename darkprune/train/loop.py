@@ -160,6 +160,16 @@ def darknet_optimizer(model: Model, full_batch: int, masks: dict | None = None, 
     return opt
 
 
+class _Rows:
+    """A TrainingNetwork seen through some of its batch's images (what the task losses read of it)."""
+
+    def __init__(self, net: TrainingNetwork, rows: np.ndarray):
+        self.net, self.rows, self.graph, self.dtype = net, rows, net.graph, net.dtype
+
+    def output(self, index: int) -> np.ndarray:
+        return self.net.output(index)[self.rows]
+
+
 class TrainingLoop:
     """See the module doc. `batches`: an object with get(iteration, subdivision, following) -> TrainBatch and
     close() (a feeder.BatchFeeder); it is closed when the run ends."""
@@ -221,10 +231,25 @@ class TrainingLoop:
 
     # -- one iteration ------------------------------------------------------------------------------------------
     def _task_loss(self, batch: TrainBatch, seen: int):
-        """The network's own loss at its heads (LossOutput), None when the batch has no ground truth for it."""
-        if self.detector:
-            return None if batch.truths is None else detector_loss(self.net, batch.truths, seen)
-        return None if batch.labels is None else classifier_loss(self.net, batch.labels)
+        """The network's own loss at its heads (LossOutput), None when the batch has no ground truth for it;
+        with `batch.labeled`, on the labeled images only (the others' rows of the seeds are zero)."""
+        truth = batch.truths if self.detector else batch.labels
+        if truth is None:
+            return None
+        net, rows = self.net, None
+        if batch.labeled is not None and not np.all(batch.labeled):
+            rows = np.flatnonzero(batch.labeled)
+            if not len(rows):
+                return None
+            net = _Rows(self.net, rows)
+            truth = [truth[r] for r in rows] if self.detector else np.asarray(truth)[rows]
+        result = detector_loss(net, truth, seen) if self.detector else classifier_loss(net, truth)
+        if rows is not None:
+            for index, g in list(result.seeds.items()):
+                full = np.zeros(self.net.output(index).shape, g.dtype)
+                full[rows] = g
+                result.seeds[index] = full
+        return result
 
     def _minibatch(self, k: int, s: int) -> tuple[float, dict]:
         """Forward, losses, backward and gradient accumulation of mini-batch s of iteration k: (cost, head stats)."""

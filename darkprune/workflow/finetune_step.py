@@ -2,6 +2,11 @@
 default to WORKSPACE/pruned.weights (and the cfg to WORKSPACE/pruned.cfg) and the masks are held: pruned channels
 stay exactly zero. The numba engine trains on this machine's CPU; the darknet engine hands the job to a Darknet build
 (GPUs), see darknet_handoff.py.
+
+Distillation (numba engine): `teacher=original` is the workspace's unpruned model (the cfg and weights model.json
+records, checked against the sha256 recorded there); any other value is a teacher cfg, with `teacher_weights`.
+`distill_weight` (default 1) and `distill_temperature` (classifiers, default 4) as train/distill.py says. With a
+teacher, train= may list images without labels (they get the distillation term only).
 """
 from __future__ import annotations
 
@@ -13,7 +18,8 @@ from .settings import DEFAULTS, Settings, pruning_settings
 from .workspace import Workspace
 
 KEYS = ["iters", "lr", "batch", "subdivisions", "checkpoint_every", "eval_every", "limit", "resume", "seed",
-        "bn_momentum", "engine", "darknet", "gpus", "transformed", "threads"]
+        "bn_momentum", "engine", "darknet", "gpus", "transformed", "threads", "teacher", "teacher_weights",
+        "distill_weight", "distill_temperature"]
 # `batch` unset means the cfg's batch here (not `ana`'s forward batch).
 FINETUNE_DEFAULTS = {**DEFAULTS, "batch": None, "checkpoint_every": 100, "engine": "numba", "seed": 0,
                      "resume": False, "transformed": False}
@@ -63,7 +69,41 @@ def _values(s: Settings) -> dict:
     return {"iters": s.whole("iters"), "learning_rate": s.number("lr"), "batch": s.whole("batch"),
             "subdivisions": s.whole("subdivisions"), "limit": s.whole("limit"), "threads": s.whole("threads"),
             "checkpoint_every": s.whole("checkpoint_every"), "eval_every": s.whole("eval_every"),
-            "seed": s.whole("seed", low=0) or 0, "bn_momentum": s.number("bn_momentum")}
+            "seed": s.whole("seed", low=0) or 0, "bn_momentum": s.number("bn_momentum"),
+            "distill_weight": 1.0 if s.get("distill_weight") in (None, "") else s.number("distill_weight", low=0),
+            "distill_temperature": s.number("distill_temperature")}
+
+
+def _teacher(s: Settings, ws: Workspace, log):
+    """The teacher Model the settings name (None without `teacher`)."""
+    from ..darknet import load
+    from .workspace import file_sha256
+    name, weights = s.get("teacher"), s.get("teacher_weights")
+    if not name:
+        if weights:
+            raise SettingError("teacher_weights", "teacher_weights needs teacher (original, or a cfg)")
+        return None
+    if s["engine"] != "numba":
+        raise SettingError("teacher", "a teacher (distillation) needs the numba engine")
+    if name == "original":
+        if weights:
+            raise SettingError("teacher_weights", "teacher=original takes the workspace's unpruned weights")
+        if not ws.exists("model.json"):
+            raise DarkpruneError(f"{ws.path}: no model.json, so no original model to use as the teacher (run "
+                                 f"`darkprune ana`/`prune` in this workspace, or give a teacher cfg and weights)")
+        record = ws.read_json("model.json")
+        cfg, weights = record.get("cfg"), record.get("weights")
+        if not weights or not Path(weights).is_file() or not cfg or not Path(cfg).is_file():
+            raise DarkpruneError(f"{ws.file('model.json')}: the original model's files ({cfg}, {weights}) are gone")
+        if record.get("weights_sha256") and file_sha256(weights) != record["weights_sha256"]:
+            raise DarkpruneError(f"{weights}: changed since the workspace was made (sha256 differs from "
+                                 f"{ws.file('model.json')})")
+    else:
+        cfg = name
+        if not weights:
+            raise SettingError("teacher_weights", f"teacher {cfg}: give its weights (teacher_weights)")
+    log(f"distilling from the teacher {cfg} / {weights} (weight {s.get('distill_weight') or 1.0})")
+    return load(cfg, weights)
 
 
 def run_finetune(s: Settings, progress: bool = True, log=_quiet, darknet_log=None) -> tuple[dict, str]:
@@ -83,13 +123,16 @@ def run_finetune(s: Settings, progress: bool = True, log=_quiet, darknet_log=Non
         raise SettingError("transformed", "transformed is for the darknet engine (the numba engine holds the masks "
                                           "exactly)")
     from ..train.finetune import finetune
+    teacher = _teacher(s, ws, log)
     started = time.perf_counter()
     result = finetune(model, s["data"], iters=v["iters"], batch=v["batch"], subdivisions=v["subdivisions"],
                       learning_rate=v["learning_rate"], workspace=ws.path, checkpoint_every=v["checkpoint_every"],
                       eval_every=v["eval_every"], eval_data=s["data"], eval_limit=v["limit"], resume=s["resume"],
-                      seed=v["seed"], progress=progress, bn_momentum=v["bn_momentum"])
+                      seed=v["seed"], progress=progress, bn_momentum=v["bn_momentum"], teacher=teacher,
+                      distill_weight=v["distill_weight"], distill_temperature=v["distill_temperature"])
     payload = result.to_json()
-    payload.update({"engine": "numba", "masks_held": masks is not None,
+    payload.update({"engine": "numba", "masks_held": masks is not None, "teacher": s.get("teacher") or None,
+                    "distill_weight": v["distill_weight"] if teacher is not None else None,
                     "channels_pruned": masks.total_pruned if masks is not None else 0,
                     "weights_in": s["weights"], "wall_seconds": round(time.perf_counter() - started, 2)})
     if masks is not None:
@@ -136,6 +179,11 @@ def format_finetune(p: dict) -> str:
              + (f" (resumed at {p['start_iteration']})" if p["start_iteration"] else "")
              + f", {p['images_seen']} images, {p['images_per_second']:.1f} images/s"
              + (f", {p['channels_pruned']} pruned channels held" if p.get("masks_held") else "")]
+    if p.get("distill"):
+        d = p["distill"]
+        lines.append(f"{'distill':>10}: teacher {p.get('teacher') or d['teacher']} ({d['teacher_weights']}), weight "
+                     f"{d['distill_weight']:g}" + (f", temperature {d['distill_temperature']:g}"
+                                                    if d.get("distill_temperature") else ""))
     sched = p["schedule"]
     lines.append(f"{'schedule':>10}: lr {sched['learning_rate']:g}, policy {sched['policy']}, burn_in "
                  f"{sched['burn_in']}" + (f", steps {sched['steps']}" if sched["steps"] else ""))
