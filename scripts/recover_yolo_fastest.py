@@ -116,10 +116,10 @@ def finetuned(model, args, masks, teacher, folder: Path, iters: int):
     return copy
 
 
-def calibration(args):
-    """The calibration images: the train= list (mirrored copies when it holds fewer than asked)."""
-    from darkprune.prune.reconstruct import calibration_images
-    return calibration_images(args.data, args.calib_images)
+def calibration(model, args):
+    """The calibration inputs: the train= list's images (mirrored copies when it holds fewer than asked)."""
+    from darkprune.prune.calibration import calibration_inputs
+    return calibration_inputs(model, args.data, args.calib_images)
 
 
 def cut(model, masks, calib, reconstruct: bool):
@@ -222,7 +222,7 @@ def main(argv=None) -> int:
     sens = dp.analyze(model, plan_data(args, folder), rates=rates, limit=8 if args.quick else None,
                       out_path=folder / "sensitivity.json", progress=True)
     baseline = stages.get("original") or stages.put("original", measure(model, held_out, args.limit))
-    calib = calibration(args)
+    calib = calibration(model, args)
     rows = [] if args.skip_curve else [curve_row(model, sens, float(t), args, stages, folder, held_out, calib)
                                        for t in args.targets.split(",")]
     steps, final = recovered(model, sens, args, stages, folder, held_out, calib)
