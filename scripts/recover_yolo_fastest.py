@@ -199,13 +199,13 @@ def opencv_check(model, small_cfg: Path, small_weights: Path, held_out) -> dict:
     from darkprune.engine.network import Network
     small = dp.load(str(small_cfg), str(small_weights))
     net = cv2.dnn.readNetFromDarknet(str(small_cfg), str(small_weights))
-    heads = [layer.index - 1 for layer in small.graph if layer.type == "yolo"]
-    names = net.getLayerNames()
+    net.enableFusion(False)
+    heads = [layer.index - 1 for layer in small.graph if layer.type == "yolo"]   # the linear convs feeding them
     c, h, w = small.input_shape
     x = np.stack([preprocess_image(p, w, h)[0] for p in held_out.image_paths[:4]]).astype(np.float32)
     ours = Network(small).forward(x, outputs=heads)
     net.setInput(x)
-    theirs = net.forward([names[i] for i in heads])
+    theirs = net.forward([f"conv_{i}" for i in heads])     # OpenCV names Darknet layer i's conv conv_i
     worst = max(float(np.abs(ours[i] - t).max() / max(np.abs(ours[i]).max(), 1e-6)) for i, t in zip(heads, theirs))
     return {"opencv_loads": True, "opencv_max_difference": worst}
 
