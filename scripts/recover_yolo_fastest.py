@@ -58,6 +58,7 @@ def arguments(argv=None):
     p.add_argument("--calib-images", type=int, default=256)
     p.add_argument("--distill-weight", type=float, default=1.0)
     p.add_argument("--lr", type=float, default=None, help="finetuning learning rate (default: the cfg's)")
+    p.add_argument("--batch", type=int, default=16, help="finetuning images per iteration (the cfg says 32)")
     p.add_argument("--rates", default="0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9", help="the analysis' rates")
     p.add_argument("--limit", type=int, default=None, help="measure on the first N held-out images only")
     p.add_argument("--skip-curve", action="store_true", help="only the recovered model")
@@ -111,7 +112,8 @@ def finetuned(model, args, masks, teacher, folder: Path, iters: int):
     copy = model.copy()
     copy.masks = masks
     options = {"teacher": teacher, "distill_weight": args.distill_weight} if teacher is not None else {}
-    dp.finetune(copy, args.data, iters, masks=masks, learning_rate=args.lr, workspace=folder,
+    dp.finetune(copy, args.data, iters, masks=masks, learning_rate=args.lr, batch=args.batch, subdivisions=1,
+                workspace=folder,
                 resume=(folder / "finetune").is_dir(), progress=True, **options)
     return copy
 
@@ -168,7 +170,8 @@ def curve_row(model, sens, target, args, stages, folder, held_out, calib):
 def recovered(model, sens, args, stages, folder, held_out, calib):
     """The gradual run to --final, its last finetune, and the transformed pair (paths, mAPs, timing)."""
     from darkprune.prune.gradual import prune_gradually
-    options = {"teacher": model, "distill_weight": args.distill_weight, "learning_rate": args.lr}
+    options = {"teacher": model, "distill_weight": args.distill_weight, "learning_rate": args.lr,
+               "batch": args.batch, "subdivisions": 1}
     run = prune_gradually(model, sens, args.steps, args.data, args.step_iters, rate=args.final,
                           calibration=calib, eval_data=load_held_out(args), finetune_options=options,
                           workspace=folder / "gradual", resume=True, progress=True, log=print_err)
