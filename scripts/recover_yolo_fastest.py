@@ -60,6 +60,8 @@ def arguments(argv=None):
     p.add_argument("--lr", type=float, default=None, help="finetuning learning rate (default: the cfg's)")
     p.add_argument("--batch", type=int, default=16, help="finetuning images per iteration (the cfg says 32)")
     p.add_argument("--rates", default="0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9", help="the analysis' rates")
+    p.add_argument("--sensitivity", help="a finished analysis (sensitivity.json) of the model on training images, "
+                                         "instead of running one")
     p.add_argument("--limit", type=int, default=None, help="measure on the first N held-out images only")
     p.add_argument("--skip-curve", action="store_true", help="only the recovered model")
     p.add_argument("--quick", action="store_true", help="a few images and iterations: checks the recipe runs")
@@ -217,13 +219,17 @@ def main(argv=None) -> int:
     args = arguments(argv)
     folder = Path(args.workspace)
     folder.mkdir(parents=True, exist_ok=True)
-    settings = {k: v for k, v in vars(args).items() if k not in ("workspace", "skip_curve")}
+    settings = {k: v for k, v in vars(args).items() if k not in ("workspace", "skip_curve", "targets")}
     stages = Stages(folder, settings)
     model = dp.load(args.cfg, args.weights)
     held_out = load_held_out(args)
     rates = [float(r) for r in args.rates.split(",")]
-    sens = dp.analyze(model, plan_data(args, folder), rates=rates, limit=8 if args.quick else None,
-                      out_path=folder / "sensitivity.json", progress=True)
+    if args.sensitivity:
+        from darkprune.prune.analysis import Sensitivity
+        sens = Sensitivity.load(args.sensitivity, model)
+    else:
+        sens = dp.analyze(model, plan_data(args, folder), rates=rates, limit=8 if args.quick else None,
+                          out_path=folder / "sensitivity.json", progress=True)
     baseline = stages.get("original") or stages.put("original", measure(model, held_out, args.limit))
     calib = calibration(model, args)
     rows = [] if args.skip_curve else [curve_row(model, sens, float(t), args, stages, folder, held_out, calib)
