@@ -187,12 +187,15 @@ def test_prune_steps_on_the_command_line_writes_the_last_step_and_resumes(tmp_pa
     assert code == 0, err
     code, _, err = run_cli(capsys, "prune", cfg, weights, "-w", ws, "--rate", "0.3", "--steps", "2", "-q")
     assert code == 1 and "--step-iters is required" in err and len(err.strip().splitlines()) == 1
-    argv = ["prune", cfg, weights, "-w", ws, "--rate", "0.3", "--steps", "2", "--step-iters", "2", "--compensate",
-            "--json", "-q"]
+    code, _, err = run_cli(capsys, "prune", cfg, weights, "-w", ws, "--rate", "0.3", "--teacher", "original", "-q")
+    assert code == 1 and "steps > 1" in err and len(err.strip().splitlines()) == 1
+    argv = ["prune", cfg, weights, "-w", ws, "--rate", "0.3", "--steps", "2", "--step-iters", "2", "--reconstruct",
+            "--calib-images", "4", "--teacher", "original", "--json", "-q"]
     code, out, err = run_cli(capsys, *argv)
     assert code == 0, err
     summary = json.loads(out)
     assert [s["step"] for s in summary["gradual"]] == [1, 2] and summary["steps"] == 2
+    assert summary["compensated"] and summary["reconstructed"] and summary["calib_images"] == 4
     assert summary["bflops_after"] <= 0.7 * summary["bflops_before"] + 1e-12
     assert summary["gradual"][-1]["bflops"] == pytest.approx(summary["bflops_after"], rel=1e-3)
     assert (ws / "gradual" / "step1" / "step.json").is_file() and (ws / "gradual" / "step2" / "step.json").is_file()

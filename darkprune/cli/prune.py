@@ -50,8 +50,8 @@ def cmd_prune(args) -> tuple[dict, str]:
 
 def _recovery(summary: dict) -> str:
     if summary.get("reconstructed"):
-        return (f"; compensated and reconstructed on {summary['calib_images']} calibration images in "
-                f"{summary['reconstruct_seconds']:.1f} s")
+        took = f" in {summary['reconstruct_seconds']:.1f} s" if "reconstruct_seconds" in summary else " at each step"
+        return f"; compensated and reconstructed on {summary['calib_images']} calibration images{took}"
     return "; bias compensation applied" if summary.get("compensated") else ""
 
 
@@ -144,6 +144,9 @@ def add_parsers(sub) -> None:
     p.add_argument("--step-lr", dest="step_lr", type=float, help="learning rate of those finetunes (default: the "
                                                                   "cfg's, as finetune takes it)")
     p.add_argument("--seed", type=int, help="seed of the steps' finetunes (default 0)")
+    p.add_argument("--teacher", choices=["original"], help="distil the steps' finetunes from the unpruned model")
+    p.add_argument("--distill-weight", dest="distill_weight", type=float,
+                   help="weight of the distillation term of those finetunes (default 1)")
     p.add_argument("--reconstruct", action="store_true",
                    help="after compensation, refit the layers reading pruned channels so that their outputs match "
                         "the unpruned model's on calibration images of the .data file's train= list (no labels "

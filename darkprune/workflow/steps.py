@@ -19,7 +19,7 @@ from .workspace import Workspace, absolute_settings, check_workspace_path
 ANA_KEYS = ["rates", "criterion", "limit", "shard", "exclude", "divisible", "batch", "no_prefix_cache", "merge",
             "ana_out_file", "cluster"]
 PRUNE_KEYS = ["threshold", "rate", "exclude", "divisible", "limit", "batch", "prune_out_weights", "compensate",
-              "reconstruct", "calib_images", "steps", "step_iters", "step_lr", "seed"]
+              "reconstruct", "calib_images", "steps", "step_iters", "step_lr", "seed", "teacher", "distill_weight"]
 TRANSFORM_KEYS = ["out", "out_cfg"]
 
 
@@ -282,7 +282,7 @@ def _mask_and_measure(s, model, ws, sens, plan, dataset, files, progress, gradua
     ws.save_config("prune", absolute_settings(s, ("cfg", "weights", "data", "threshold", "rate", "exclude",
                                                   "divisible", "limit", "prune_out_weights", "compensate",
                                                   "steps", "step_iters", "step_lr", "seed", "reconstruct",
-                                                  "calib_images")))
+                                                  "calib_images", "teacher", "distill_weight")))
     summary = summary_rows(model, masks, before, after, sens.metric)
     summary.update({"mode": plan.mode, "target": plan.target, "predicted_loss": plan.predicted_loss,
                     "measured_loss": before[sens.metric] - after[sens.metric], "images": len(dataset),
