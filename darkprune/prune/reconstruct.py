@@ -129,10 +129,11 @@ def original_rows(layer, arrays: dict) -> np.ndarray:
 
 
 def solve(geo: Geometry, g_pp: np.ndarray, cross: np.ndarray, rows: np.ndarray, kept_in: np.ndarray,
-          live_out: np.ndarray, ridge: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+          live_out: np.ndarray, ridge: float, changed_only: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The refitted (weights (outputs, columns), bias (outputs,)) of the live outputs, and which outputs were refit.
     `g_pp` (G, D+1, D+1) = P_p^T P_p, `cross` (G, D+1, D+1) = P_p^T P_o, `rows` the original rows, `kept_in` the
-    live input channels, `live_out` the live outputs."""
+    live input channels, `live_out` the live outputs. `changed_only`: leave the groups that lost no input column
+    (their inputs are the unpruned ones in a single-group analysis: the fit would only shrink them by the ridge)."""
     per_group = geo.outputs // geo.groups
     channels = len(kept_in) // geo.groups
     weights = np.zeros((geo.outputs, geo.columns))
@@ -144,6 +145,8 @@ def solve(geo: Geometry, g_pp: np.ndarray, cross: np.ndarray, rows: np.ndarray, 
         if not len(live):
             continue
         cols = np.flatnonzero(np.append(np.repeat(kept_in[g * channels:(g + 1) * channels], geo.per_channel), True))
+        if changed_only and len(cols) == geo.columns + 1:
+            continue
         a = g_pp[g][np.ix_(cols, cols)].copy()
         inner = np.arange(len(cols) - 1)
         scale = float(np.mean(np.diag(a)[:-1])) if len(inner) else 0.0
@@ -294,5 +297,58 @@ def reconstruct(original: Model, pruned: Model, images, masks=None, grouping: Gr
     return out
 
 
-__all__ = ["reconstruct", "patches", "gram", "solve", "accumulate", "fit_layers", "geometry", "original_rows",
+class SingleGroupRefit:
+    """Reconstruction for the sensitivity analysis (`ana --reconstruct`), where one group alone is pruned: every
+    consumer then reads the unpruned activations with the group's pruned channels at zero, so P_p is P_o restricted
+    to the kept columns and one Gram G = P_o^T P_o per consumer, accumulated once over the calibration images in
+    one pass of the unpruned network, gives every variant's fit in closed form: W_k = (G_kk + lambda I)^-1 G_k:
+    W^T. The fitted biases subsume bias compensation for the refitted layers. Call it with (group, channels,
+    overrides) from masked_group_arrays; it returns the overrides with the group's consumers refitted."""
+
+    def __init__(self, model: Model, grouping: Grouping, groups, images: np.ndarray, ridge: float = 1e-3,
+                 samples: int = SAMPLES, seed: int = 0, batch: int = BATCH, progress: bool = True):
+        from tqdm import tqdm
+
+        from ..util.progress import progress_enabled
+        self.model, self.grouping, self.ridge = model, grouping, float(ridge)
+        layers = sorted({c.layer for g in groups for c in g.consumers})
+        graph = model.graph
+        self.layers = [i for i in layers if role(graph[i]) == PRODUCER and "weights" in model.params.get(i, {})
+                       and geometry(graph[i]).columns <= MAX_COLUMNS]
+        self.grams: dict[int, np.ndarray] = {}
+        network = Network(model)
+        sources = sorted({graph[i].inputs[0] for i in self.layers})
+        rngs = {i: np.random.default_rng([seed, i]) for i in self.layers}
+        bar = tqdm(total=len(images), desc="calibration", unit="img", disable=not progress_enabled(progress),
+                   dynamic_ncols=True)
+        try:
+            for lo in range(0, len(images), batch):
+                x = images[lo:lo + batch]
+                acts = network.forward(x, outputs=[s for s in sources if s >= 0]) if sources else {}
+                acts[-1] = x
+                for i in self.layers:
+                    p = patches(graph[i], acts[graph[i].inputs[0]], sample_positions(graph[i], rngs[i], samples))
+                    g = gram(p, p)
+                    self.grams[i] = g if i not in self.grams else self.grams[i] + g
+                bar.update(len(x))
+        finally:
+            bar.close()
+
+    def __call__(self, group, channels, overrides: dict) -> dict:
+        kept = KeptChannels(self.grouping, group.masks(channels))
+        out = dict(overrides)
+        graph = self.model.graph
+        for i in sorted({c.layer for c in group.consumers}):
+            if i not in self.grams or i not in out:
+                continue
+            layer = graph[i]
+            w, b, refit = solve(geometry(layer), self.grams[i], self.grams[i],
+                                original_rows(layer, self.model.params[i]), kept.reads(i), kept.out[i], self.ridge,
+                                changed_only=True)
+            if refit.any():
+                out[i] = refitted_arrays(layer, self.model.params[i], out[i], w, b, refit)
+        return out
+
+
+__all__ = ["reconstruct", "SingleGroupRefit", "patches", "gram", "solve", "accumulate", "fit_layers", "geometry", "original_rows",
            "refitted_arrays", "SAMPLES"]
