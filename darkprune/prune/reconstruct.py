@@ -45,6 +45,8 @@ from .masks import KeptChannels, _as_masks
 SAMPLES = 256            # output positions sampled per image and consumer (all of them in smaller maps)
 MAX_COLUMNS = 4096       # a consumer wider than this per group (a big connected layer) is left to compensation
 BATCH = 16               # images per forward step
+ROWS_PER_COLUMN = 4      # positions per image and fitted column (see sample_positions)
+MIN_SAMPLES = 32
 
 
 @dataclass
@@ -69,23 +71,28 @@ def geometry(layer) -> Geometry:
 
 
 def sample_positions(layer, rng: np.random.Generator, samples: int) -> np.ndarray | None:
-    """Flat output positions to take patches at (None: all of them)."""
+    """Flat output positions to take patches at (None: all of them): at most `samples` per image, and no more than
+    ROWS_PER_COLUMN per fitted column (a depthwise conv fits 10 numbers per group: 40 positions of every image
+    are plenty, and its many small Grams are what costs)."""
     if layer.type == "connected":
         return None
     _, oh, ow = layer.out_shape
+    if samples > 0:
+        samples = min(samples, max(MIN_SAMPLES, ROWS_PER_COLUMN * (geometry(layer).columns + 1)))
     if samples <= 0 or oh * ow <= samples:
         return None
     return np.sort(rng.choice(oh * ow, samples, replace=False))
 
 
 def patches(layer, x: np.ndarray, positions: np.ndarray | None) -> np.ndarray:
-    """The consumer's input patches at `positions` of every image: (groups, images * positions, columns) float64,
-    columns in the weights' layout (channel, ky, kx); taps in the zero padding (or past the input, where Darknet's
-    output size reads beyond it) are 0. The bias column is left to `gram`."""
+    """The consumer's input patches at `positions` of every image, as columns: (images, groups, columns, positions)
+    float64, columns in the weights' layout (channel, ky, kx); taps in the zero padding (or past the input, where
+    Darknet's output size reads beyond it) are 0. A connected layer has one patch per image: (1, 1, inputs,
+    images). The bias column is left to `gram`."""
     geo = geometry(layer)
     n = x.shape[0]
     if layer.type == "connected":
-        return np.asarray(x, np.float64).reshape(1, n, -1)
+        return np.asarray(x.reshape(n, -1).T, np.float64)[None, None]
     a = layer.attrs
     k, sy, sx, dil = a["size"], a["stride_y"], a["stride_x"], a["dilation"]
     pad = a["pad"] * dil
@@ -99,23 +106,21 @@ def patches(layer, x: np.ndarray, positions: np.ndarray | None) -> np.ndarray:
         x = np.pad(x, ((0, 0), (0, 0), (pad, bottom), (pad, right)))
     width = x.shape[3]
     taps = np.arange(k) * dil
-    flat = ((oy * sy)[:, None, None] + taps[None, :, None]) * width + (ox * sx)[:, None, None] + taps[None, None, :]
-    gathered = np.take(x.reshape(n, c, -1), flat.ravel(), axis=2)          # (n, C, S * k * k)
-    cin = c // geo.groups
-    out = np.empty((geo.groups, n, len(pos), cin, k * k), np.float64)
-    out[...] = gathered.reshape(n, geo.groups, cin, len(pos), k * k).transpose(1, 0, 3, 2, 4)
-    return out.reshape(geo.groups, n * len(pos), geo.columns)
+    # flat input offsets ordered (ky, kx, position): the gathered block is then (channel, ky, kx) x position
+    flat = (taps[:, None, None] + (oy * sy)[None, None, :]) * width + taps[None, :, None] + (ox * sx)[None, None, :]
+    gathered = np.take(x.reshape(n, c, -1), flat.ravel(), axis=2)          # (n, C, k * k * S)
+    return gathered.reshape(n, geo.groups, geo.columns, len(pos)).astype(np.float64)
 
 
 def gram(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """[a 1]^T [b 1] per group (the bias column last): (G, rows, Da), (G, rows, Db) -> (G, Da + 1, Db + 1)."""
-    groups, rows, da = a.shape
+    """[a; 1] [b; 1]^T per group summed over images (the bias entry last): (m, G, Da, S), (m, G, Db, S) ->
+    (G, Da + 1, Db + 1)."""
+    m, groups, da, positions = a.shape
     out = np.empty((groups, da + 1, b.shape[2] + 1))
-    out[:, :-1, :-1] = a[0].T @ b[0] if groups == 1 else np.matmul(a.transpose(0, 2, 1), b)
-    ones = np.ones(rows)
-    out[:, :-1, -1] = ones @ a          # column sums (numpy's sum over the middle axis is far slower)
-    out[:, -1, :-1] = ones @ b
-    out[:, -1, -1] = rows
+    out[:, :-1, :-1] = np.matmul(a, b.transpose(0, 1, 3, 2)).sum(axis=0)
+    out[:, :-1, -1] = a.sum(axis=3).sum(axis=0)
+    out[:, -1, :-1] = b.sum(axis=3).sum(axis=0)
+    out[:, -1, -1] = m * positions
     return out
 
 
