@@ -323,7 +323,7 @@ def _data_file(tmp_path, train: list[str]) -> str:
 
 
 def test_prune_command_reconstructs(tmp_path, capsys):
-    from darkprune.prune.analysis import prunable_groups
+    from darkprune.prune.analysis import Sensitivity, prunable_groups
     train = sorted(str(p) for p in asset("coco128", "images", "train2017").glob("*.jpg"))[:3]
     data = _data_file(tmp_path, train)
     model = dp.load(BUNDLED_CFG, BUNDLED_WEIGHTS)
@@ -338,6 +338,21 @@ def test_prune_command_reconstructs(tmp_path, capsys):
     assert code == 0, err
     summary = json.loads(out)
     assert summary["reconstructed"] and summary["compensated"] and summary["calib_images"] == 5
+    assert summary["planned_on"] == "plain"           # no reconstructed curves yet
+    plain = json.loads((ws / "sensitivity.json").read_text())
+    # ana --reconstruct adds the second curve set to the same file (the plain curves are kept as they were)
+    code, out, err = run_cli(capsys, "ana", BUNDLED_CFG, BUNDLED_WEIGHTS, "--data", data, "--limit", 2,
+                             "--rates", "0.5", "--exclude", exclude, "-w", ws, "-q", "--reconstruct",
+                             "--calib-images", 4)
+    assert code == 0, err
+    both = json.loads((ws / "sensitivity.json").read_text())
+    assert both["groups"] == plain["groups"] and both["reconstructed"]["info"]["calib_images"] == 4
+    assert sorted(g["id"] for g in both["reconstructed"]["groups"]) == sorted(keep)
+    loaded = Sensitivity.load(ws / "sensitivity.json", model)
+    assert loaded.complete_reconstructed and set(loaded.reconstructed) == keep
+    code, out, err = run_cli(capsys, "prune", BUNDLED_CFG, BUNDLED_WEIGHTS, "-w", ws, "--rate", 0.01, "--json",
+                             "--reconstruct", "--calib-images", 5, "-q")
+    assert code == 0 and json.loads(out)["planned_on"] == "reconstructed", err
     assert summary["calib_files"] == 3 and summary["reconstruct_seconds"] > 0
     assert json.loads((ws / "summary.json").read_text())["prune"]["reconstructed"]
     code, out, err = run_cli(capsys, "transform", BUNDLED_CFG, "-w", ws, "--json")
@@ -352,3 +367,16 @@ def test_prune_command_reconstructs(tmp_path, capsys):
                       f"calib_images=2\n")
     code, out, err = run_cli(capsys, "prune", "--config", config, "--json", "-q")
     assert code == 0 and json.loads(out)["calib_images"] == 2, err
+
+
+def test_old_sensitivity_files_load_without_the_second_set():
+    from darkprune.prune.analysis import Sensitivity
+    old = {"format": "darkprune-sensitivity", "fingerprint": "f", "metric": "map50", "baseline": 0.3,
+           "rates": [0.5], "criterion": "l1", "images": 2, "groups": [{"id": 3, "metric": {"0.5": 0.2}}]}
+    sens = Sensitivity.from_json(old)
+    assert sens.reconstructed == {} and not sens.complete_reconstructed
+    assert "reconstructed" not in sens.to_json()
+    sens.reconstructed, sens.reconstruct_info = {3: {0.5: 0.25}}, {"calib_images": 4}
+    again = Sensitivity.from_json(sens.to_json())
+    assert again.reconstructed == {3: {0.5: 0.25}} and again.with_reconstructed().curves == {3: {0.5: 0.25}}
+    assert again.curves == {3: {0.5: 0.2}}

@@ -116,6 +116,11 @@ def add_parsers(sub) -> None:
     _analysis_flags(p)
     p.add_argument("--shard", help="I/N: analyse only the I-th of N shares of the groups")
     p.add_argument("--merge", action="store_true", help="join the shard files into sensitivity.json")
+    p.add_argument("--reconstruct", action="store_true",
+                   help="also measure a second curve set with each variant compensated and reconstructed on "
+                        "calibration images of the train= list (prune --reconstruct then plans on it)")
+    p.add_argument("--calib-images", dest="calib_images", type=int,
+                   help="calibration images for --reconstruct (default 256)")
     p.add_argument("--cluster", help="measure the groups as Dask tasks: on the scheduler at tcp://HOST:8786, or on "
                                      "local:N, N worker processes started for the run (pip install darkprune[dask])")
 

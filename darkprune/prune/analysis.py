@@ -71,6 +71,10 @@ class Sensitivity:
     exclude: list[str] = field(default_factory=list)
     model: Model | None = field(default=None, repr=False, compare=False)
     grouping: Grouping | None = field(default=None, repr=False, compare=False)    # the model's channel groups
+    # the second curve set (`ana --reconstruct`): each variant compensated and reconstructed (reconstruct.py's
+    # SingleGroupRefit), with how it was calibrated; older files have neither
+    reconstructed: dict[int, dict[float, float]] = field(default_factory=dict)
+    reconstruct_info: dict = field(default_factory=dict)
 
     # -- planning (see plan.py) ---------------------------------------------------------------------------------
     def plan(self, threshold: float | None = None, rate: float | None = None, divisible: int | None = None,
@@ -90,6 +94,12 @@ class Sensitivity:
             raise DarkpruneError("planning by rate needs the model: Sensitivity.load(path, model)")
         return plan_by_rate(self.model, self, rate, divisible, excluded, self.grouping)
 
+    def with_reconstructed(self) -> "Sensitivity":
+        """The same analysis with the reconstructed curves in place of the plain ones (what `prune --reconstruct`
+        plans on)."""
+        from dataclasses import replace
+        return replace(self, curves=dict(self.reconstructed), model=self.model, grouping=self.grouping)
+
     def loss(self, group: int, rate: float) -> float:
         """The measured metric loss of pruning `rate` of group `group` alone (negative: the metric went up)."""
         return self.baseline - self.curves[group][rate]
@@ -105,6 +115,10 @@ class Sensitivity:
             "groups": [{"id": g, **self.groups.get(g, {}),
                         "metric": {f"{r:g}": self.curves[g][r] for r in sorted(self.curves[g])}}
                        for g in sorted(self.curves)],
+            **({"reconstructed": {"info": self.reconstruct_info,
+                                  "groups": [{"id": g, "metric": {f"{r:g}": v for r, v in sorted(c.items())}}
+                                             for g, c in sorted(self.reconstructed.items())]}}
+               if self.reconstruct_info or self.reconstructed else {}),
         }
 
     @classmethod
@@ -124,6 +138,10 @@ class Sensitivity:
                 gid = int(g["id"])
                 sens.curves[gid] = {float(r): float(v) for r, v in g["metric"].items()}
                 sens.groups[gid] = {k: v for k, v in g.items() if k not in ("id", "metric")}
+            second = data.get("reconstructed") or {}
+            sens.reconstruct_info = dict(second.get("info", {}))
+            for g in second.get("groups", []):
+                sens.reconstructed[int(g["id"])] = {float(r): float(v) for r, v in g["metric"].items()}
         except (KeyError, TypeError, ValueError) as exc:
             raise DarkpruneError(f"{source}: malformed sensitivity file ({type(exc).__name__}: {exc})") from None
         return sens
@@ -165,6 +183,12 @@ class Sensitivity:
     def complete(self) -> bool:
         todo = self.assigned if self.assigned is not None else []
         return all(g in self.curves and len(self.curves[g]) == len(self.rates) for g in todo)
+
+    @property
+    def complete_reconstructed(self) -> bool:
+        todo = self.assigned if self.assigned is not None else []
+        return bool(self.reconstruct_info) and all(
+            g in self.reconstructed and len(self.reconstructed[g]) == len(self.rates) for g in todo)
 
     # -- display ----------------------------------------------------------------------------------------------
     def table(self) -> str:
@@ -274,7 +298,8 @@ def data_digest(dataset) -> str:
 def analyze(model: Model, data, rates=DEFAULT_RATES, criterion: str = "l1", limit: int | None = None,
             divisible: int = 1, exclude=(), shard: tuple[int, int] | None = None, out_path=None,
             resume: bool = True, batch: int = 16, prefix_cache: bool = True, progress: bool = True,
-            cache_dir=None, callback=None, prepare=None, cluster=None) -> Sensitivity:
+            cache_dir=None, callback=None, prepare=None, cluster=None, reconstruct=None,
+            reconstruct_info: dict | None = None) -> Sensitivity:
     """Run the sensitivity analysis of `model` on `data` (a Dataset or a .data path).
 
     `rates`: shares of each group's channels to prune, each strictly between 0 and 1. `criterion`: "l1" or "bn".
@@ -285,14 +310,22 @@ def analyze(model: Model, data, rates=DEFAULT_RATES, criterion: str = "l1", limi
     baseline measured, before anything is written (the CLI creates the workspace there, so that a refused run leaves
     nothing behind). `prefix_cache=False` evaluates every variant from the input. `cluster`: measure the groups as
     dask.distributed tasks, on "local:N" (a local cluster of N worker processes, for this run), a scheduler's
-    address ("tcp://HOST:8786") or a distributed.Client; the results are the same (see cluster.py)."""
+    address ("tcp://HOST:8786") or a distributed.Client; the results are the same (see cluster.py).
+    `reconstruct`: calibration inputs (an (N, C, H, W) array, from calibration.calibration_inputs) for the second
+    curve set, each variant compensated and reconstructed (`reconstruct_info`, e.g. the image count, is stored
+    with it and checked on resume); the plain curves are measured too where missing."""
     from ..evaluate import load_dataset
     from ..util.progress import progress_enabled
 
     rates, divisible, shard, batch = _check_settings(rates, criterion, divisible, shard, batch)
     if cluster is not None:
+        if reconstruct is not None:
+            raise DarkpruneError("ana --reconstruct does not run on a cluster (--cluster) yet; run it in one process")
         from .cluster import check_cluster
         check_cluster(cluster)
+    info = dict(reconstruct_info or {}) if reconstruct is not None else {}
+    if reconstruct is not None:
+        info.setdefault("calib_images", len(reconstruct))
     dataset = load_dataset(data, limit)
     exclude = [str(e).strip() for e in ([exclude] if isinstance(exclude, (str, int)) else exclude or ())
                if str(e).strip()]
@@ -306,12 +339,20 @@ def analyze(model: Model, data, rates=DEFAULT_RATES, criterion: str = "l1", limi
         sens = Sensitivity.load(out_path, model, grouping)
         _check_resumable(sens, out_path, rates, criterion, len(dataset), divisible, shard, exclude, digest_w,
                          digest_d)
-    todo = [g for g in mine if sens is None or not (g.id in sens.curves and len(sens.curves[g.id]) == len(rates))]
+        if info and sens.reconstruct_info and sens.reconstruct_info != info:
+            raise DarkpruneError(f"{out_path}: its reconstructed curves were calibrated otherwise "
+                                 f"({sens.reconstruct_info}, asked {info}); use another workspace")
+
+    def missing(g, curves) -> bool:
+        return sens is None or not (g.id in curves and len(curves[g.id]) == len(rates))
+    todo = [g for g in mine if missing(g, sens.curves if sens else {}) or
+            (info and missing(g, sens.reconstructed if sens else {}))]
     fresh = Sensitivity(structure_fingerprint(model.graph), metric_name(model), math.nan, rates, criterion,
                         divisible, len(dataset), _source(dataset), shard=shard, assigned=[g.id for g in mine],
                         weights_digest=digest_w, data_digest=digest_d, exclude=list(exclude))
     run = AnalysisRun(model, dataset, grouping, todo, sens, fresh, batch, prefix_cache, cache_dir, out_path,
-                      callback, prepare, progress_enabled(progress), started)
+                      callback, prepare, progress_enabled(progress), started, calibration=reconstruct,
+                      reconstruct_info=info)
     if sens is not None and not todo:
         return run.begin(None)
     if cluster is not None:
@@ -340,6 +381,8 @@ class AnalysisRun:
     show: bool                        # progress bars
     started: float
     previous_seconds: float = 0.0     # the time spent by the run this one resumes
+    calibration: object = None        # ana --reconstruct: the calibration inputs of the second curve set
+    reconstruct_info: dict = field(default_factory=dict)
 
     @property
     def settings(self) -> Sensitivity:
@@ -358,13 +401,16 @@ class AnalysisRun:
         elif self.prepare is not None:
             self.prepare()
         self.sens.model, self.sens.grouping = self.model, self.grouping
+        if self.reconstruct_info:
+            self.sens.reconstruct_info = dict(self.reconstruct_info)
         self.previous_seconds = self.sens.seconds
         return self.sens
 
-    def record(self, group: Group, curve: dict) -> None:
-        """Keep one group's finished curve: into the analysis, saved (atomically) to `out_path`, then `callback`."""
+    def record(self, group: Group, curve: dict, reconstructed: bool = False) -> None:
+        """Keep one group's finished curve: into the analysis (the plain or the reconstructed set), saved
+        (atomically) to `out_path`, then `callback`."""
         sens = self.sens
-        sens.curves[group.id] = curve
+        (sens.reconstructed if reconstructed else sens.curves)[group.id] = curve
         sens.groups[group.id] = group_info(self.model, group)
         sens.seconds = self.previous_seconds + time.perf_counter() - self.started
         if self.out_path is not None:
@@ -393,11 +439,18 @@ def _analyze_here(run: AnalysisRun) -> Sensitivity:
     measurer = CurveMeasurer(model, dataset, sens.rates, sens.criterion, sens.divisible, run.batch,
                              run.prefix_cache, run.cache_dir, run.grouping, network, prefix)
     measurer.positions.update(measurer_positions)
-    bar = tqdm(total=len(todo) * len(sens.rates), desc="analysis", unit="eval", file=sys.stderr,
+    refit = None
+    if run.calibration is not None:
+        from .reconstruct import SingleGroupRefit
+        refit = SingleGroupRefit(model, run.grouping, todo, run.calibration, progress=run.show)
+    jobs = [(g, False) for g in todo if g.id not in sens.curves] + \
+        [(g, True) for g in todo if refit is not None and g.id not in sens.reconstructed]
+    jobs.sort(key=lambda job: (measurer_positions[job[0].id][0], job[0].id, job[1]))
+    bar = tqdm(total=len(jobs) * len(sens.rates), desc="analysis", unit="eval", file=sys.stderr,
                disable=not run.show, dynamic_ncols=True)
     try:
-        for group in todo:
-            run.record(group, measurer.curve(group, bar))
+        for group, second in jobs:
+            run.record(group, measurer.curve(group, bar, refit if second else None), second)
     finally:
         bar.close()
         measurer.close()

@@ -141,8 +141,10 @@ class CurveMeasurer:
             self.positions[group.id] = divergence_layer(self.grouping, group)
         return self.positions[group.id]
 
-    def curve(self, group: Group, bar=None) -> dict[float, float]:
-        """The metric with each rate of `group` pruned (each variant scored while the next one runs)."""
+    def curve(self, group: Group, bar=None, refit=None) -> dict[float, float]:
+        """The metric with each rate of `group` pruned (each variant scored while the next one runs). `refit`
+        (group, channels, overrides) -> overrides changes the variants (ana --reconstruct: SingleGroupRefit); it
+        only touches layers reading the pruned channels, which the divergence layer does not precede."""
         position, zeroed_layers = self.position(group)
         scores = group.scores(self.model, self.criterion)
         if self.prefix_cache:
@@ -150,7 +152,8 @@ class CurveMeasurer:
         futures = {}
         for rate in self.rates:
             chans = channels_to_prune(scores, rate, self.divisible)
-            variant = self.network.variant(masked_group_arrays(self.model, group, chans, self.grouping))
+            overrides = masked_group_arrays(self.model, group, chans, self.grouping)
+            variant = self.network.variant(overrides if refit is None else refit(group, chans, overrides))
             forward = None
             if self.prefix_cache:
                 zero = _zero_positions(self.grouping, group, chans, self.prefix.need(position), zeroed_layers)

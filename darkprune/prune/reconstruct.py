@@ -45,6 +45,8 @@ from .masks import KeptChannels, _as_masks
 SAMPLES = 256            # output positions sampled per image and consumer (all of them in smaller maps)
 MAX_COLUMNS = 4096       # a consumer wider than this per group (a big connected layer) is left to compensation
 BATCH = 16               # images per forward step
+ROWS_PER_COLUMN = 4      # positions per image and fitted column (see sample_positions)
+MIN_SAMPLES = 32
 
 
 @dataclass
@@ -69,23 +71,28 @@ def geometry(layer) -> Geometry:
 
 
 def sample_positions(layer, rng: np.random.Generator, samples: int) -> np.ndarray | None:
-    """Flat output positions to take patches at (None: all of them)."""
+    """Flat output positions to take patches at (None: all of them): at most `samples` per image, and no more than
+    ROWS_PER_COLUMN per fitted column (a depthwise conv fits 10 numbers per group: 40 positions of every image
+    are plenty, and its many small Grams are what costs)."""
     if layer.type == "connected":
         return None
     _, oh, ow = layer.out_shape
+    if samples > 0:
+        samples = min(samples, max(MIN_SAMPLES, ROWS_PER_COLUMN * (geometry(layer).columns + 1)))
     if samples <= 0 or oh * ow <= samples:
         return None
     return np.sort(rng.choice(oh * ow, samples, replace=False))
 
 
 def patches(layer, x: np.ndarray, positions: np.ndarray | None) -> np.ndarray:
-    """The consumer's input patches at `positions` of every image: (groups, images * positions, columns) float64,
-    columns in the weights' layout (channel, ky, kx); taps in the zero padding (or past the input, where Darknet's
-    output size reads beyond it) are 0. The bias column is left to `gram`."""
+    """The consumer's input patches at `positions` of every image, as columns: (images, groups, columns, positions)
+    float64, columns in the weights' layout (channel, ky, kx); taps in the zero padding (or past the input, where
+    Darknet's output size reads beyond it) are 0. A connected layer has one patch per image: (1, 1, inputs,
+    images). The bias column is left to `gram`."""
     geo = geometry(layer)
     n = x.shape[0]
     if layer.type == "connected":
-        return np.asarray(x, np.float64).reshape(1, n, -1)
+        return np.asarray(x.reshape(n, -1).T, np.float64)[None, None]
     a = layer.attrs
     k, sy, sx, dil = a["size"], a["stride_y"], a["stride_x"], a["dilation"]
     pad = a["pad"] * dil
@@ -99,23 +106,21 @@ def patches(layer, x: np.ndarray, positions: np.ndarray | None) -> np.ndarray:
         x = np.pad(x, ((0, 0), (0, 0), (pad, bottom), (pad, right)))
     width = x.shape[3]
     taps = np.arange(k) * dil
-    flat = ((oy * sy)[:, None, None] + taps[None, :, None]) * width + (ox * sx)[:, None, None] + taps[None, None, :]
-    gathered = np.take(x.reshape(n, c, -1), flat.ravel(), axis=2)          # (n, C, S * k * k)
-    cin = c // geo.groups
-    out = np.empty((geo.groups, n, len(pos), cin, k * k), np.float64)
-    out[...] = gathered.reshape(n, geo.groups, cin, len(pos), k * k).transpose(1, 0, 3, 2, 4)
-    return out.reshape(geo.groups, n * len(pos), geo.columns)
+    # flat input offsets ordered (ky, kx, position): the gathered block is then (channel, ky, kx) x position
+    flat = (taps[:, None, None] + (oy * sy)[None, None, :]) * width + taps[None, :, None] + (ox * sx)[None, None, :]
+    gathered = np.take(x.reshape(n, c, -1), flat.ravel(), axis=2)          # (n, C, k * k * S)
+    return gathered.reshape(n, geo.groups, geo.columns, len(pos)).astype(np.float64)
 
 
 def gram(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """[a 1]^T [b 1] per group (the bias column last): (G, rows, Da), (G, rows, Db) -> (G, Da + 1, Db + 1)."""
-    groups, rows, da = a.shape
+    """[a; 1] [b; 1]^T per group summed over images (the bias entry last): (m, G, Da, S), (m, G, Db, S) ->
+    (G, Da + 1, Db + 1)."""
+    m, groups, da, positions = a.shape
     out = np.empty((groups, da + 1, b.shape[2] + 1))
-    out[:, :-1, :-1] = a[0].T @ b[0] if groups == 1 else np.matmul(a.transpose(0, 2, 1), b)
-    ones = np.ones(rows)
-    out[:, :-1, -1] = ones @ a          # column sums (numpy's sum over the middle axis is far slower)
-    out[:, -1, :-1] = ones @ b
-    out[:, -1, -1] = rows
+    out[:, :-1, :-1] = np.matmul(a, b.transpose(0, 1, 3, 2)).sum(axis=0)
+    out[:, :-1, -1] = a.sum(axis=3).sum(axis=0)
+    out[:, -1, :-1] = b.sum(axis=3).sum(axis=0)
+    out[:, -1, -1] = m * positions
     return out
 
 
@@ -129,10 +134,11 @@ def original_rows(layer, arrays: dict) -> np.ndarray:
 
 
 def solve(geo: Geometry, g_pp: np.ndarray, cross: np.ndarray, rows: np.ndarray, kept_in: np.ndarray,
-          live_out: np.ndarray, ridge: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+          live_out: np.ndarray, ridge: float, changed_only: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The refitted (weights (outputs, columns), bias (outputs,)) of the live outputs, and which outputs were refit.
     `g_pp` (G, D+1, D+1) = P_p^T P_p, `cross` (G, D+1, D+1) = P_p^T P_o, `rows` the original rows, `kept_in` the
-    live input channels, `live_out` the live outputs."""
+    live input channels, `live_out` the live outputs. `changed_only`: leave the groups that lost no input column
+    (their inputs are the unpruned ones in a single-group analysis: the fit would only shrink them by the ridge)."""
     per_group = geo.outputs // geo.groups
     channels = len(kept_in) // geo.groups
     weights = np.zeros((geo.outputs, geo.columns))
@@ -144,6 +150,8 @@ def solve(geo: Geometry, g_pp: np.ndarray, cross: np.ndarray, rows: np.ndarray, 
         if not len(live):
             continue
         cols = np.flatnonzero(np.append(np.repeat(kept_in[g * channels:(g + 1) * channels], geo.per_channel), True))
+        if changed_only and len(cols) == geo.columns + 1:
+            continue
         a = g_pp[g][np.ix_(cols, cols)].copy()
         inner = np.arange(len(cols) - 1)
         scale = float(np.mean(np.diag(a)[:-1])) if len(inner) else 0.0
@@ -294,5 +302,58 @@ def reconstruct(original: Model, pruned: Model, images, masks=None, grouping: Gr
     return out
 
 
-__all__ = ["reconstruct", "patches", "gram", "solve", "accumulate", "fit_layers", "geometry", "original_rows",
+class SingleGroupRefit:
+    """Reconstruction for the sensitivity analysis (`ana --reconstruct`), where one group alone is pruned: every
+    consumer then reads the unpruned activations with the group's pruned channels at zero, so P_p is P_o restricted
+    to the kept columns and one Gram G = P_o^T P_o per consumer, accumulated once over the calibration images in
+    one pass of the unpruned network, gives every variant's fit in closed form: W_k = (G_kk + lambda I)^-1 G_k:
+    W^T. The fitted biases subsume bias compensation for the refitted layers. Call it with (group, channels,
+    overrides) from masked_group_arrays; it returns the overrides with the group's consumers refitted."""
+
+    def __init__(self, model: Model, grouping: Grouping, groups, images: np.ndarray, ridge: float = 1e-3,
+                 samples: int = SAMPLES, seed: int = 0, batch: int = BATCH, progress: bool = True):
+        from tqdm import tqdm
+
+        from ..util.progress import progress_enabled
+        self.model, self.grouping, self.ridge = model, grouping, float(ridge)
+        layers = sorted({c.layer for g in groups for c in g.consumers})
+        graph = model.graph
+        self.layers = [i for i in layers if role(graph[i]) == PRODUCER and "weights" in model.params.get(i, {})
+                       and geometry(graph[i]).columns <= MAX_COLUMNS]
+        self.grams: dict[int, np.ndarray] = {}
+        network = Network(model)
+        sources = sorted({graph[i].inputs[0] for i in self.layers})
+        rngs = {i: np.random.default_rng([seed, i]) for i in self.layers}
+        bar = tqdm(total=len(images), desc="calibration", unit="img", disable=not progress_enabled(progress),
+                   dynamic_ncols=True)
+        try:
+            for lo in range(0, len(images), batch):
+                x = images[lo:lo + batch]
+                acts = network.forward(x, outputs=[s for s in sources if s >= 0]) if sources else {}
+                acts[-1] = x
+                for i in self.layers:
+                    p = patches(graph[i], acts[graph[i].inputs[0]], sample_positions(graph[i], rngs[i], samples))
+                    g = gram(p, p)
+                    self.grams[i] = g if i not in self.grams else self.grams[i] + g
+                bar.update(len(x))
+        finally:
+            bar.close()
+
+    def __call__(self, group, channels, overrides: dict) -> dict:
+        kept = KeptChannels(self.grouping, group.masks(channels))
+        out = dict(overrides)
+        graph = self.model.graph
+        for i in sorted({c.layer for c in group.consumers}):
+            if i not in self.grams or i not in out:
+                continue
+            layer = graph[i]
+            w, b, refit = solve(geometry(layer), self.grams[i], self.grams[i],
+                                original_rows(layer, self.model.params[i]), kept.reads(i), kept.out[i], self.ridge,
+                                changed_only=True)
+            if refit.any():
+                out[i] = refitted_arrays(layer, self.model.params[i], out[i], w, b, refit)
+        return out
+
+
+__all__ = ["reconstruct", "SingleGroupRefit", "patches", "gram", "solve", "accumulate", "fit_layers", "geometry", "original_rows",
            "refitted_arrays", "SAMPLES"]

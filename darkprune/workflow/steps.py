@@ -17,7 +17,7 @@ from .settings import Settings
 from .workspace import Workspace, absolute_settings, check_workspace_path
 
 ANA_KEYS = ["rates", "criterion", "limit", "shard", "exclude", "divisible", "batch", "no_prefix_cache", "merge",
-            "ana_out_file", "cluster"]
+            "ana_out_file", "cluster", "reconstruct", "calib_images"]
 PRUNE_KEYS = ["threshold", "rate", "exclude", "divisible", "limit", "batch", "prune_out_weights", "compensate",
               "reconstruct", "calib_images", "steps", "step_iters", "step_lr", "seed", "teacher", "distill_weight"]
 TRANSFORM_KEYS = ["out", "out_cfg"]
@@ -98,6 +98,12 @@ def _analyse(s: Settings, model, inputs, progress, log):
     batch = s.whole("batch") or 16
     if s.get("ana_out_file"):
         refuse_overwrite(s["ana_out_file"], inputs, "ana_out_file")
+    calibration, info = None, None
+    if s["reconstruct"]:        # the second curve set: calibration images of the train= list
+        from ..prune.calibration import calibration_inputs
+        paths = calibration_paths(s, s.get("data"))
+        calibration = calibration_inputs(model, paths, s.whole("calib_images"))
+        info = {"calib_images": len(calibration), "calib_files": len(paths)}
     fingerprint = structure_fingerprint(model.graph)
     check_workspace_path(s["workspace"])
     if Path(s["workspace"]).is_dir():
@@ -109,12 +115,12 @@ def _analyse(s: Settings, model, inputs, progress, log):
         ws.bind_model(model, fingerprint)
         ws.save_config("ana" if not shard else f"ana.shard-{shard[0]}-of-{shard[1]}",
                        absolute_settings(s, ("cfg", "weights", "data", "rates", "criterion", "limit", "shard",
-                                             "exclude", "divisible", "batch")))
+                                             "exclude", "divisible", "batch", "reconstruct", "calib_images")))
     started = time.perf_counter()
     sens = analyze(model, dataset, rates=rates, criterion=s["criterion"], divisible=divisible, exclude=exclude,
                    shard=shard, out_path=Path(s["workspace"]) / name, batch=batch,
                    prefix_cache=not s["no_prefix_cache"], progress=progress, prepare=prepare,
-                   cluster=s.get("cluster") or None)
+                   cluster=s.get("cluster") or None, reconstruct=calibration, reconstruct_info=info)
     log(f"analysis done in {time.perf_counter() - started:.1f} s: {Path(s['workspace']) / name}")
     return sens, name
 
@@ -186,6 +192,9 @@ def run_prune(s: Settings, progress: bool = True) -> dict:
     ws = Workspace(s["workspace"], create=False)
     ws.check_model(model, structure_fingerprint(model.graph))
     sens = _sensitivity(ws, model)
+    if s["reconstruct"] and sens.complete_reconstructed:     # plan on the curves measured after reconstruction
+        sens = sens.with_reconstructed()
+        sens.planned_on = "reconstructed"
     excluded = resolve_exclude(model, s.names("exclude"))
     divisible = s.whole("divisible") or sens.divisible
     if divisible != sens.divisible:
@@ -289,6 +298,7 @@ def _mask_and_measure(s, model, ws, sens, plan, dataset, files, progress, gradua
                     "groups_pruned": len(masks.pruned), "channels_pruned": masks.total_pruned,
                     "compensated": bool(s.get("compensate") or calibration is not None),
                     "reconstructed": calibration is not None, **recon,
+                    "planned_on": getattr(sens, "planned_on", "plain"),
                     "files": {k: str(v) for k, v in files.items()}})
     if steps is not None:
         summary.update({"steps": gradual["steps"], "step_iters": gradual["step_iters"], "gradual": steps})
