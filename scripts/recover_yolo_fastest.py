@@ -67,6 +67,7 @@ def arguments(argv=None):
                                          "instead of running one")
     p.add_argument("--limit", type=int, default=None, help="measure on the first N held-out images only")
     p.add_argument("--skip-curve", action="store_true", help="only the recovered model")
+    p.add_argument("--skip-recovered", action="store_true", help="only the curve (printed, not written)")
     p.add_argument("--quick", action="store_true", help="a few images and iterations: checks the recipe runs")
     args = p.parse_args(argv)
     if args.quick:
@@ -222,7 +223,7 @@ def main(argv=None) -> int:
     args = arguments(argv)
     folder = Path(args.workspace)
     folder.mkdir(parents=True, exist_ok=True)
-    settings = {k: v for k, v in vars(args).items() if k not in ("workspace", "skip_curve", "targets")}
+    settings = {k: v for k, v in vars(args).items() if k not in ("workspace", "skip_curve", "skip_recovered", "targets")}
     stages = Stages(folder, settings)
     model = dp.load(args.cfg, args.weights)
     held_out = load_held_out(args)
@@ -237,6 +238,9 @@ def main(argv=None) -> int:
     calib = calibration(model, args)
     rows = [] if args.skip_curve else [curve_row(model, sens, float(t), args, stages, folder, held_out, calib)
                                        for t in args.targets.split(",")]
+    if args.skip_recovered:
+        print(json.dumps(rows, indent=1))
+        return 0
     steps, final = recovered(model, sens, args, stages, folder, held_out, calib)
     report = finish(model, args, folder, baseline, rows, steps, final, held_out)
     print(report["markdown"])
