@@ -353,6 +353,9 @@ def test_prune_command_reconstructs(tmp_path, capsys):
     code, out, err = run_cli(capsys, "prune", BUNDLED_CFG, BUNDLED_WEIGHTS, "-w", ws, "--rate", 0.01, "--json",
                              "--reconstruct", "--calib-images", 5, "-q")
     assert code == 0 and json.loads(out)["planned_on"] == "reconstructed", err
+    code, out, err = run_cli(capsys, "prune", BUNDLED_CFG, BUNDLED_WEIGHTS, "-w", ws, "--rate", 0.01, "--json",
+                             "--reconstruct", "--calib-images", 5, "--plan-curves", "plain", "-q")
+    assert code == 0 and json.loads(out)["planned_on"] == "plain", err
     assert summary["calib_files"] == 3 and summary["reconstruct_seconds"] > 0
     assert json.loads((ws / "summary.json").read_text())["prune"]["reconstructed"]
     code, out, err = run_cli(capsys, "transform", BUNDLED_CFG, "-w", ws, "--json")

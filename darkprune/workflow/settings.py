@@ -27,12 +27,13 @@ DEFAULTS = {
     "exclude": "", "divisible": None, "batch": 16, "workspace": "workspace", "threshold": None, "rate": None,
     "out": None, "thresholds": "0.005,0.01,0.02,0.05", "no_prefix_cache": False, "merge": False,
     "compensate": False, "reconstruct": False, "calib_images": 256,
+    "plan_curves": "auto",
 }
 # Settings a pruning config may hold for any of the steps (each step takes its own, ignores the others').
 PRUNING_KEYS = {"cfg", "weights", "data", "workspace", "config", "rates", "criterion", "limit", "shard", "exclude",
                 "divisible", "batch", "no_prefix_cache", "merge", "threshold", "rate", "out", "thresholds",
                 "ana_out_file", "prune_out_weights", "out_cfg", "compensate", "reconstruct",
-                "calib_images"}
+                "calib_images", "plan_curves"}
 TRUE_WORDS = ("1", "true", "yes", "on")
 FALSE_WORDS = ("0", "false", "no", "off", "")
 
