@@ -306,6 +306,8 @@ def test_api_keyword_and_bad_input(tmp_path):
         dp.prune(model, masks.pruned, reconstruct=16)
     with pytest.raises(DarkpruneError, match="shape"):
         reconstruct(model, apply_masks(model, masks), x[:, :, :5], masks, progress=False)
+    with pytest.raises(DarkpruneError, match="another structure"):
+        reconstruct(model, transform(apply_masks(model, masks)), x, masks, progress=False)
     with pytest.raises(DarkpruneError, match="ridge"):
         reconstruct(model, apply_masks(model, masks), x, masks, ridge=-1.0, progress=False)
 
