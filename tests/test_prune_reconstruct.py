@@ -306,6 +306,8 @@ def test_api_keyword_and_bad_input(tmp_path):
         dp.prune(model, masks.pruned, reconstruct=16)
     with pytest.raises(DarkpruneError, match="shape"):
         reconstruct(model, apply_masks(model, masks), x[:, :, :5], masks, progress=False)
+    with pytest.raises(DarkpruneError, match="another structure"):
+        reconstruct(model, transform(apply_masks(model, masks)), x, masks, progress=False)
     with pytest.raises(DarkpruneError, match="ridge"):
         reconstruct(model, apply_masks(model, masks), x, masks, ridge=-1.0, progress=False)
 
@@ -353,6 +355,9 @@ def test_prune_command_reconstructs(tmp_path, capsys):
     code, out, err = run_cli(capsys, "prune", BUNDLED_CFG, BUNDLED_WEIGHTS, "-w", ws, "--rate", 0.01, "--json",
                              "--reconstruct", "--calib-images", 5, "-q")
     assert code == 0 and json.loads(out)["planned_on"] == "reconstructed", err
+    code, out, err = run_cli(capsys, "prune", BUNDLED_CFG, BUNDLED_WEIGHTS, "-w", ws, "--rate", 0.01, "--json",
+                             "--reconstruct", "--calib-images", 5, "--plan-curves", "plain", "-q")
+    assert code == 0 and json.loads(out)["planned_on"] == "plain", err
     assert summary["calib_files"] == 3 and summary["reconstruct_seconds"] > 0
     assert json.loads((ws / "summary.json").read_text())["prune"]["reconstructed"]
     code, out, err = run_cli(capsys, "transform", BUNDLED_CFG, "-w", ws, "--json")

@@ -158,6 +158,10 @@ def add_parsers(sub) -> None:
                         "needed; never the valid= list)")
     p.add_argument("--calib-images", dest="calib_images", type=int,
                    help="calibration images for --reconstruct (default 256; mirrored copies fill a shorter list)")
+    p.add_argument("--plan-curves", dest="plan_curves", choices=["auto", "plain", "reconstructed"],
+                   help="which sensitivity curves to plan on: plain (default; measured better, see README), "
+                        "reconstructed (those `ana --reconstruct` measured) or auto (the reconstructed ones when "
+                        "--reconstruct is given and they exist)")
 
     p = base("transform", "step 4: remove the masked channels for real -> a smaller .cfg/.weights",
              "Remove the channels masked in the workspace (and the inputs of every layer reading them) from WEIGHTS\n"

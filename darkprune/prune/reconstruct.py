@@ -40,7 +40,7 @@ from ..darknet.model import Model
 from ..engine.network import Network
 from ..errors import DarkpruneError
 from .groups import Grouping
-from .masks import KeptChannels, _as_masks
+from .masks import KeptChannels, _as_masks, structure_fingerprint
 
 SAMPLES = 256            # output positions sampled per image and consumer (all of them in smaller maps)
 MAX_COLUMNS = 4096       # a consumer wider than this per group (a big connected layer) is left to compensation
@@ -273,6 +273,9 @@ def reconstruct(original: Model, pruned: Model, images, masks=None, grouping: Gr
     from .calibration import calibration_inputs
     if not ridge >= 0:
         raise DarkpruneError(f"reconstruct ridge={ridge}: must be a number >= 0")
+    if structure_fingerprint(pruned.graph) != structure_fingerprint(original.graph):
+        raise DarkpruneError(f"reconstruct: the pruned model ({pruned.cfg_path or 'in memory'}) is not the masked "
+                             f"{original.cfg_path or 'original'} (another structure; transform after reconstructing)")
     masks = _as_masks(original, masks if masks is not None else getattr(pruned, "masks", None), grouping)
     kept = KeptChannels(masks.grouping, masks.pruned)
     x = calibration_inputs(original, images)

@@ -19,7 +19,8 @@ from .workspace import Workspace, absolute_settings, check_workspace_path
 ANA_KEYS = ["rates", "criterion", "limit", "shard", "exclude", "divisible", "batch", "no_prefix_cache", "merge",
             "ana_out_file", "cluster", "reconstruct", "calib_images"]
 PRUNE_KEYS = ["threshold", "rate", "exclude", "divisible", "limit", "batch", "prune_out_weights", "compensate",
-              "reconstruct", "calib_images", "steps", "step_iters", "step_lr", "seed", "teacher", "distill_weight"]
+              "reconstruct", "calib_images", "steps", "step_iters", "step_lr", "seed", "teacher", "distill_weight",
+              "plan_curves"]
 TRANSFORM_KEYS = ["out", "out_cfg"]
 
 
@@ -192,7 +193,7 @@ def run_prune(s: Settings, progress: bool = True) -> dict:
     ws = Workspace(s["workspace"], create=False)
     ws.check_model(model, structure_fingerprint(model.graph))
     sens = _sensitivity(ws, model)
-    if s["reconstruct"] and sens.complete_reconstructed:     # plan on the curves measured after reconstruction
+    if _plan_on_reconstructed(s, sens, ws):     # plan on the curves measured after reconstruction
         sens = sens.with_reconstructed()
         sens.planned_on = "reconstructed"
     excluded = resolve_exclude(model, s.names("exclude"))
@@ -212,6 +213,20 @@ def run_prune(s: Settings, progress: bool = True) -> dict:
     calibration = calibration_paths(s, s.get("data") or sens.data) if s["reconstruct"] else None
     return _mask_and_measure(s, model, ws, sens, plan, dataset, files, progress, gradual, excluded, divisible,
                              calibration)
+
+
+def _plan_on_reconstructed(s: Settings, sens, ws) -> bool:
+    """plan_curves: "plain" (the default: planning on the reconstructed curves measured worse, README), "auto" (the
+    reconstructed curves with --reconstruct when `ana --reconstruct` measured them) or "reconstructed"."""
+    which = str(s.get("plan_curves") or "plain").strip().lower()
+    if which not in ("auto", "plain", "reconstructed"):
+        where = s.where("plan_curves")
+        raise DarkpruneError(f"{where + ': ' if where else ''}plan_curves={s.get('plan_curves')}: expected auto, "
+                             f"plain or reconstructed")
+    if which == "reconstructed" and not sens.complete_reconstructed:
+        raise DarkpruneError(f"{ws.file('sensitivity.json')}: no complete reconstructed curves to plan on; run "
+                             f"`darkprune ana --reconstruct` first")
+    return which == "reconstructed" or (which == "auto" and s["reconstruct"] and sens.complete_reconstructed)
 
 
 def calibration_paths(s: Settings, data) -> list[str]:
@@ -291,7 +306,7 @@ def _mask_and_measure(s, model, ws, sens, plan, dataset, files, progress, gradua
     ws.save_config("prune", absolute_settings(s, ("cfg", "weights", "data", "threshold", "rate", "exclude",
                                                   "divisible", "limit", "prune_out_weights", "compensate",
                                                   "steps", "step_iters", "step_lr", "seed", "reconstruct",
-                                                  "calib_images", "teacher", "distill_weight")))
+                                                  "calib_images", "teacher", "distill_weight", "plan_curves")))
     summary = summary_rows(model, masks, before, after, sens.metric)
     summary.update({"mode": plan.mode, "target": plan.target, "predicted_loss": plan.predicted_loss,
                     "measured_loss": before[sens.metric] - after[sens.metric], "images": len(dataset),
