@@ -7,7 +7,7 @@ exceeding it is noise of the finite image set, not a free lunch). The plan's pre
 groups' losses (taken as additive; interactions between groups make the real loss of the combined model larger or
 smaller, which is why `prune` measures it).
 
-`--rate F`: the share F of the model's BFLOPs to remove. We pick, among the analysed rates, per-group rates whose
+`--rate F`: the share F of the model's BFLOPs to remove (`--by params`: of its parameters). We pick, among the analysed rates, per-group rates whose
 combined saving reaches F with the least predicted loss (losses of different groups are taken as additive): a greedy
 walk along each group's lower convex hull of (BFLOPs saved, loss), always taking the step with the smallest loss per
 BFLOP saved, with the saving of the combined plan measured exactly (pruning two neighbouring groups saves more
@@ -123,27 +123,43 @@ def plan_by_threshold(sensitivity, threshold: float, divisible: int = 1, exclude
                 {"group_losses": losses})
 
 
+COSTS = {"bflops": ("total_bflops", "BFLOPs"), "params": ("total_params", "parameters")}
+
+
+def check_cost(cost) -> str:
+    """The quantity a rate is a share of: "bflops" (Darknet's count, the default) or "params"."""
+    key = str(cost).strip().lower() if cost is not None else "bflops"
+    if key not in COSTS:
+        raise SettingError("by", f"by {cost}: expected one of {', '.join(COSTS)} (what --rate is a share of)")
+    return key
+
+
 def plan_by_rate(model, sensitivity, fraction: float, divisible: int = 1, exclude=(),
-                 grouping: Grouping | None = None) -> Plan:
+                 grouping: Grouping | None = None, cost: str = "bflops") -> Plan:
+    """Per-group rates that remove the share `fraction` of the model's `cost` ("bflops", Darknet's count, or
+    "params", every weight, bias and batch-norm entry) with the least predicted loss (see the module doc)."""
+    cost = check_cost(cost)
+    stat, unit = COSTS[cost]
     try:
         fraction = float(fraction)
     except (TypeError, ValueError):
         raise SettingError("rate", f"rate {fraction}: expected a number between 0 and 1") from None
     if not 0 < fraction < 1:
-        raise SettingError("rate", f"rate {fraction}: the share of BFLOPs to remove must lie strictly between 0 "
+        raise SettingError("rate", f"rate {fraction}: the share of {unit} to remove must lie strictly between 0 "
                                    f"and 1")
     grouping = grouping if grouping is not None else build_grouping(model.graph)
-    total = model.graph.total_bflops
+    total = (model.graph.total_bflops if cost == "bflops"
+             else live_stats(model, Masks.for_model(model, {}, (), grouping), grouping)[stat])
     if total <= 0:
-        raise DarkpruneError(f"{model.cfg_path}: the model has no BFLOPs to remove (Darknet counts none for its "
-                             f"layers)")
+        raise DarkpruneError(f"{model.cfg_path}: the model has no {unit} to remove"
+                             f"{' (Darknet counts none for its layers)' if cost == 'bflops' else ''}")
     target = fraction * total
 
     # per-group candidate steps: (rate, saving alone, loss), on the lower convex hull of loss against saving
     def saving_of(rates: dict[int, float]) -> float:
         masks = masks_for_plan(model, Plan(rates, "rate", fraction, 0.0, sensitivity.criterion, divisible), (),
                                grouping)
-        return total - live_stats(model, masks, grouping)["total_bflops"]
+        return total - live_stats(model, masks, grouping)[stat]
 
     hulls: dict[int, list[tuple[float, float, float]]] = {}
     for gid in sorted(sensitivity.curves):
@@ -168,7 +184,7 @@ def plan_by_rate(model, sensitivity, fraction: float, divisible: int = 1, exclud
                 best = (slope, gid, r1, l1 - l0)
         if best is None:
             raise SettingError("rate", f"rate {fraction}: even the largest analysed rates of every group remove only "
-                                       f"{achieved / total:.1%} of the BFLOPs; analyse larger rates or ask less")
+                                       f"{achieved / total:.1%} of the {unit}; analyse larger rates or ask less")
         _, gid, rate, dloss = best
         position[gid] += 1
         current[gid] = rate
@@ -176,7 +192,7 @@ def plan_by_rate(model, sensitivity, fraction: float, divisible: int = 1, exclud
         achieved = saving_of({g: r for g, r in current.items() if r > 0})
     rates = {g: r for g, r in current.items() if r > 0}
     return Plan(rates, "rate", fraction, predicted, sensitivity.criterion, divisible,
-                {"bflops_removed": achieved, "bflops_total": total})
+                {"cost": cost, f"{cost}_removed": achieved, f"{cost}_total": total})
 
 
 def _lower_hull(points: list[tuple[float, float, float]]) -> list[tuple[float, float, float]]:

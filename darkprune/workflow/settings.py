@@ -26,12 +26,12 @@ DEFAULTS = {
     "rates": "0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9", "criterion": "l1", "limit": None, "shard": None,
     "exclude": "", "divisible": None, "batch": 16, "workspace": "workspace", "threshold": None, "rate": None,
     "out": None, "thresholds": "0.005,0.01,0.02,0.05", "no_prefix_cache": False, "merge": False,
-    "compensate": False,
+    "compensate": False, "by": "bflops",
 }
 # Settings a pruning config may hold for any of the steps (each step takes its own, ignores the others').
 PRUNING_KEYS = {"cfg", "weights", "data", "workspace", "config", "rates", "criterion", "limit", "shard", "exclude",
                 "divisible", "batch", "no_prefix_cache", "merge", "threshold", "rate", "out", "thresholds",
-                "ana_out_file", "prune_out_weights", "out_cfg", "compensate"}
+                "ana_out_file", "prune_out_weights", "out_cfg", "compensate", "by"}
 TRUE_WORDS = ("1", "true", "yes", "on")
 FALSE_WORDS = ("0", "false", "no", "off", "")
 

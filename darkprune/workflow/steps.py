@@ -17,7 +17,7 @@ from .workspace import Workspace, absolute_settings, check_workspace_path
 
 ANA_KEYS = ["rates", "criterion", "limit", "shard", "exclude", "divisible", "batch", "no_prefix_cache", "merge",
             "ana_out_file", "cluster"]
-PRUNE_KEYS = ["threshold", "rate", "exclude", "divisible", "limit", "batch", "prune_out_weights", "compensate"]
+PRUNE_KEYS = ["threshold", "rate", "by", "exclude", "divisible", "limit", "batch", "prune_out_weights", "compensate"]
 TRANSFORM_KEYS = ["out", "out_cfg"]
 
 
@@ -190,7 +190,7 @@ def run_prune(s: Settings, progress: bool = True) -> dict:
         where = s.where("divisible")
         warnings.warn(f"{where + ': divisible=' if where else 'divisible '}{divisible}: the analysis was measured "
                       f"with divisible={sens.divisible}, so its losses are for slightly different channel counts")
-    plan = _plan(model, sens, threshold, rate, divisible, excluded)
+    plan = _plan(model, sens, threshold, rate, divisible, excluded, s.get("by"))
     inputs = [s["cfg"], s["weights"], s.get("data"), s.get("config")]
     files = {"cfg": ws.file("pruned.cfg"), "weights": Path(s.get("prune_out_weights") or ws.file("pruned.weights")),
              "masks": ws.file("masks.json"), "plan": ws.file("plan.json")}
@@ -200,11 +200,12 @@ def run_prune(s: Settings, progress: bool = True) -> dict:
     return _mask_and_measure(s, model, ws, sens, plan, dataset, files, progress)
 
 
-def _plan(model, sens, threshold, rate, divisible, excluded):
-    from ..prune.plan import plan_by_rate, plan_by_threshold
+def _plan(model, sens, threshold, rate, divisible, excluded, by=None):
+    from ..prune.plan import check_cost, plan_by_rate, plan_by_threshold
+    cost = check_cost(by)               # checked with a threshold too: a typo is refused, not ignored
     if threshold is not None:
         return plan_by_threshold(sens, threshold, divisible, excluded)
-    return plan_by_rate(model, sens, rate, divisible, excluded)
+    return plan_by_rate(model, sens, rate, divisible, excluded, cost=cost)
 
 
 def _mask_and_measure(s, model, ws, sens, plan, dataset, files, progress) -> dict:
@@ -226,7 +227,7 @@ def _mask_and_measure(s, model, ws, sens, plan, dataset, files, progress) -> dic
     ws.write_json("plan.json", plan.to_json())
     masks.save(files["masks"])
     masked.save(files["cfg"], files["weights"])
-    ws.save_config("prune", absolute_settings(s, ("cfg", "weights", "data", "threshold", "rate", "exclude",
+    ws.save_config("prune", absolute_settings(s, ("cfg", "weights", "data", "threshold", "rate", "by", "exclude",
                                                   "divisible", "limit", "prune_out_weights", "compensate")))
     summary = summary_rows(model, masks, before, after, sens.metric)
     summary.update({"mode": plan.mode, "target": plan.target, "predicted_loss": plan.predicted_loss,
