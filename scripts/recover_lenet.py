@@ -59,7 +59,8 @@ def parse_args(argv):
     parser.add_argument("--step-iters", type=int, default=1500, help="finetuning iterations after the other rounds")
     parser.add_argument("--lr", type=float, default=0.01, help="finetuning learning rate (the cfg's: 0.01)")
     parser.add_argument("--batch", type=int, help="images per iteration (default: the cfg's 64)")
-    parser.add_argument("--rates", default="0.2,0.4,0.5,0.6,0.7,0.8,0.9", help="analysed rates per group")
+    parser.add_argument("--rates", default="0.1,0.2,0.3,0.4,0.5,0.55,0.6,0.65,0.7,0.75,0.8,0.85,0.9",
+                        help="analysed rates per group")
     parser.add_argument("--calib", type=int, default=2000, help="training digits the analysis measures on")
     parser.add_argument("--exclude", default="", help="comma list of layers never pruned (conv0, conv2, connected4)")
     parser.add_argument("--no-compensate", dest="compensate", action="store_false")

@@ -91,6 +91,21 @@ def test_params_and_bflops_plans_take_different_groups_first():
         plan_by_rate(model, sens, 0.1, cost="flops")
 
 
+def test_the_plan_steps_back_from_a_hull_step_that_overshoots():
+    model = conv_fc()
+    groups = {model.graph[g.members[0]].type: g.id for g in dp.prune.groups.find_groups(model.graph) if g.prunable}
+    conv, fc = groups["convolutional"], groups["connected"]
+    # fc at 0.5 (8 neurons, 2072 params, loss 0.011) lies below the chord to 0.25 (1036, 0.01): the hull skips 0.25
+    sens = sensitivity(model, {conv: {0.25: 0.88, 0.5: 0.80}, fc: {0.25: 0.89, 0.5: 0.889}})
+    # 20% = 851.6 params: the walk's first step (fc to 0.5) overshoots; fc at 0.25 reaches it for less loss
+    plan = plan_by_rate(model, sens, 0.2, cost="params")
+    assert plan.rates == {fc: 0.25} and plan.predicted_loss == pytest.approx(0.01)
+    assert plan.details["params_removed"] == PARAMS - kept_params(4, 12) >= 0.2 * PARAMS
+    # 30% = 1277.4: fc at 0.25 alone is not enough, so the walk's plan stays
+    plan = plan_by_rate(model, sens, 0.3, cost="params")
+    assert plan.rates == {fc: 0.5} and plan.details["params_removed"] == PARAMS - kept_params(4, 8)
+
+
 def lenet_params(c1: int, c2: int, n: int) -> int:
     """cfg/lenet.cfg with c1 / c2 conv filters and n ip1 neurons: 5x5 convs, 4x4 after the second pool."""
     return c1 * 26 + c2 * (25 * c1 + 1) + n * (16 * c2 + 1) + 10 * n + 10

@@ -7,11 +7,13 @@ exceeding it is noise of the finite image set, not a free lunch). The plan's pre
 groups' losses (taken as additive; interactions between groups make the real loss of the combined model larger or
 smaller, which is why `prune` measures it).
 
-`--rate F`: the share F of the model's BFLOPs to remove (`--by params`: of its parameters). We pick, among the analysed rates, per-group rates whose
-combined saving reaches F with the least predicted loss (losses of different groups are taken as additive): a greedy
-walk along each group's lower convex hull of (BFLOPs saved, loss), always taking the step with the smallest loss per
-BFLOP saved, with the saving of the combined plan measured exactly (pruning two neighbouring groups saves more
-than the sum of each alone, since a conv then loses inputs and filters).
+`--rate F`: the share F of the model's BFLOPs to remove (`--by params`: of its parameters; Darknet counts no BFLOPs
+for connected layers). We pick, among the analysed rates, per-group rates whose combined saving reaches F with the
+least predicted loss (losses of different groups are taken as additive): a greedy walk along each group's lower
+convex hull of (BFLOPs saved, loss), always taking the step with the smallest loss per BFLOP saved, with the saving of
+the combined plan measured exactly (pruning two neighbouring groups saves more than the sum of each alone, since a
+conv then loses inputs and filters); then groups step back down to smaller rates where the target stays reached and
+the predicted loss does not grow (the hull's steps can overshoot the target by far).
 """
 from __future__ import annotations
 
@@ -190,9 +192,44 @@ def plan_by_rate(model, sensitivity, fraction: float, divisible: int = 1, exclud
         current[gid] = rate
         predicted += dloss
         achieved = saving_of({g: r for g, r in current.items() if r > 0})
+    envelopes = {gid: dict(loss_envelope(sensitivity, gid)) for gid in hulls}
+    current, achieved, trimmed_loss = _trim_overshoot(current, envelopes, saving_of, target, achieved)
+    predicted = predicted if trimmed_loss is None else trimmed_loss
     rates = {g: r for g, r in current.items() if r > 0}
     return Plan(rates, "rate", fraction, predicted, sensitivity.criterion, divisible,
                 {"cost": cost, f"{cost}_removed": achieved, f"{cost}_total": total})
+
+
+def _trim_overshoot(current: dict[int, float], envelopes: dict[int, dict[float, float]], saving_of, target: float,
+                    achieved: float, budget: int = 256) -> tuple[dict[int, float], float, float | None]:
+    """Take back what the hull walk overshot: its steps skip rates off the convex hull, so its last step can save far
+    more than the target asks (LeNet by parameters: 22% kept for a 30% target). Repeatedly, among the moves of one
+    group down to a smaller analysed rate (off its hull included) that do not raise the predicted loss, the one with
+    the largest loss reduction (ties: the smallest new rate) that still reaches the target is taken. Rates only go
+    down, so this ends; `budget` bounds the exact savings measured (each is a masking of the whole model: some
+    15 ms on Yolo-Fastest). (rates, saving, the new predicted loss or None when nothing moved)."""
+    def loss_of(rates):
+        return sum(envelopes[g].get(r, 0.0) for g, r in rates.items() if r > 0)
+
+    current, trimmed = dict(current), False
+    while budget > 0:
+        base = loss_of(current)
+        moves = sorted((-round(base - loss_of({**current, gid: lower}), 12), lower, gid)
+                       for gid, rate in current.items() for lower in [0.0] + [r for r in envelopes[gid] if r < rate])
+        taken = None
+        for neg_reduction, lower, gid in moves:
+            if neg_reduction > 0 or budget <= 0:
+                break
+            trial = {**current, gid: lower}
+            budget -= 1
+            saved = saving_of({g: r for g, r in trial.items() if r > 0})
+            if saved >= target:
+                taken = (trial, saved)
+                break
+        if taken is None:
+            break
+        (current, achieved), trimmed = taken, True
+    return current, achieved, (loss_of(current) if trimmed else None)
 
 
 def _lower_hull(points: list[tuple[float, float, float]]) -> list[tuple[float, float, float]]:
