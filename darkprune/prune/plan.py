@@ -215,7 +215,7 @@ def _trim_overshoot(current: dict[int, float], envelopes: dict[int, dict[float, 
     while budget > 0:
         base = loss_of(current)
         moves = sorted((-round(base - loss_of({**current, gid: lower}), 12), lower, gid)
-                       for gid, rate in current.items() for lower in [0.0] + [r for r in envelopes[gid] if r < rate])
+                       for gid, rate in current.items() for lower in [0.0] + list(envelopes[gid]) if lower < rate)
         taken = None
         for neg_reduction, lower, gid in moves:
             if neg_reduction > 0 or budget <= 0:
