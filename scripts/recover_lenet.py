@@ -21,9 +21,9 @@ Starts from cfg/lenet.cfg + weights/lenet.weights (scripts/train_lenet.py; 431,0
 The test digits are measured for the table only (before finetuning and after each step), never to choose anything:
 no early stopping, no best-checkpoint pick (the last weights of each finetune are kept).
 
-Writes OUT_DIR/recover_lenet.json and .md (the table: params, BFLOPs, top-1 at each stage, ours vs OpenCV) and the
-pruned pair as OUT_DIR/recover_lenet/lenet-pruned.cfg/.weights (the workspace, with the analysis and finetuning
-checkpoints, is OUT_DIR/recover_lenet/). Deterministic for a --seed; rerun with --resume to continue an interrupted
+Writes OUT_DIR/recover_lenet.json and .md (the table: params, BFLOPs, top-1 at each stage, ours vs OpenCV; with
+--quick recover_lenet_quick.*) and, in the workspace (-w, default ./workspace-recover-lenet), the analysis, every
+round's masks, checkpoints and weights, and the pruned pair lenet-pruned.cfg/.weights. Deterministic for a --seed; rerun with --resume to continue an interrupted
 run (a finished step is taken from its saved weights, a finetune from its newest checkpoint).
 
 --quick: a short run for tests (2 analysis rates on 200 digits, one step of 40 iterations of 32, measured on the
@@ -52,7 +52,9 @@ def parse_args(argv):
     parser.add_argument("--cfg", type=Path, default=ROOT / "cfg" / "lenet.cfg")
     parser.add_argument("--weights", type=Path, default=ROOT / "weights" / "lenet.weights")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help=f"MNIST in Darknet's layout ({DEFAULT_DATA})")
-    parser.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "results", help="the table goes here")
+    parser.add_argument("-w", "--workspace", type=Path, help="analysis, checkpoints, each round's weights and the "
+                        "pruned pair (default: ./workspace-recover-lenet, or OUT_DIR/recover_lenet with --quick)")
     parser.add_argument("--keep", type=float, default=0.3, help="largest share of the parameters kept (default 0.3)")
     parser.add_argument("--steps", type=int, default=3, help="pruning rounds to reach --keep (default 3)")
     parser.add_argument("--iters", type=int, default=6000, help="finetuning iterations after the last round")
@@ -238,7 +240,7 @@ def recover(args, log) -> dict:
     from darkprune.prune.groups import build_grouping
     from darkprune.workflow.steps import transform_and_check
     started = time.perf_counter()
-    out = args.out_dir / "recover_lenet"
+    out = args.workspace or (args.out_dir / "recover_lenet" if args.quick else ROOT / "workspace-recover-lenet")
     out.mkdir(parents=True, exist_ok=True)
     original = dp.load(args.cfg, args.weights)
     grouping = build_grouping(original.graph)
