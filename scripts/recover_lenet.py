@@ -123,6 +123,7 @@ def run_round(k, keep, current, sens, grouping, previous, train, test, ws, args,
     from darkprune.prune.masks import Masks, apply_masks
     from darkprune.prune.plan import plan_by_rate
     from darkprune.train.finetune import finetune
+    from darkprune.util.files import atomic_write_text
     folder = ws / f"step-{k}"
     done = folder / "done.json"
     iters = args.iters if k == args.steps else args.step_iters
@@ -158,7 +159,7 @@ def run_round(k, keep, current, sens, grouping, previous, train, test, ws, args,
     record = {"round": k, "keep_target": keep, **counts, "rates": {str(g): r for g, r in plan.rates.items()},
               "predicted_loss": plan.predicted_loss, "top1_before": before, "iterations": iters_run,
               "top1_after": after, "final_avg_loss": loss, "seconds": round(seconds, 1)}
-    done.write_text(json.dumps(record, indent=1) + "\n")
+    atomic_write_text(done, json.dumps(record, indent=1) + "\n")      # last: marks the round as finished
     return masked, masks, record
 
 
