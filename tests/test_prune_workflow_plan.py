@@ -111,12 +111,16 @@ def test_rate_plan_reaches_the_bflops_share_with_the_cheapest_steps():
     plan = plan_by_rate(model, sens, 0.1)         # 10547 FLOPs: the first step is enough
     assert plan.rates == {1: 0.25} and plan.predicted_loss == pytest.approx(0.001)
     assert plan.details["bflops_removed"] * 1e9 == pytest.approx(saved_flops(0, 2))
-    plan = plan_by_rate(model, sens, 0.2)         # 21094: needs the second step too
-    assert plan.rates == {0: 0.25, 1: 0.25} and plan.predicted_loss == pytest.approx(0.011)
-    assert plan.details["bflops_removed"] * 1e9 == pytest.approx(saved_flops(2, 2))
+    plan = plan_by_rate(model, sens, 0.2)         # 21094: the walk takes g0 to 0.25 too (0.011 for 40192) ...
+    # ... and then steps g1 back to 0: g0 at 0.25 alone saves 25344 >= 21094 for 0.01 < 0.011
+    assert plan.rates == {0: 0.25} and plan.predicted_loss == pytest.approx(0.01)
+    assert plan.details["bflops_removed"] * 1e9 == pytest.approx(saved_flops(2, 0))
     masks = masks_for_plan(model, plan)
     stats = dp.prune.masks.live_stats(model, masks)
-    assert stats["total_bflops"] * 1e9 == pytest.approx(TOTAL - saved_flops(2, 2))
+    assert stats["total_bflops"] * 1e9 == pytest.approx(TOTAL - saved_flops(2, 0))
+    plan = plan_by_rate(model, sens, 0.3)         # 31642: both at 0.25 (40192); neither alone reaches it
+    assert plan.rates == {0: 0.25, 1: 0.25} and plan.predicted_loss == pytest.approx(0.011)
+    assert plan.details["bflops_removed"] * 1e9 == pytest.approx(saved_flops(2, 2))
     plan = plan_by_rate(model, sens, 0.6)         # 63283: g0 to 0.5 next (0.01 for 25344 more), then g1 to 0.5
     assert plan.rates == {0: 0.5, 1: 0.5} and plan.predicted_loss == pytest.approx(0.02 + 0.05)
     with pytest.raises(dp.DarkpruneError, match="analyse larger rates"):

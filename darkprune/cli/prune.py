@@ -35,7 +35,8 @@ def cmd_prune(args) -> tuple[dict, str]:
     if (threshold is None) == (rate is None):
         raise DarkpruneError("darkprune prune: give exactly one of --threshold LOSS or --rate FRACTION")
     summary = run_prune(s, progress=progress(args))
-    what = f"--threshold {threshold:g}" if threshold is not None else f"--rate {rate:g}"
+    by = "" if threshold is not None or s.get("by") in (None, "bflops") else f" --by {s['by']}"
+    what = f"--threshold {threshold:g}" if threshold is not None else f"--rate {rate:g}{by}"
     metric, files = summary["metric"], summary["files"]
     text = format_summary(f"prune {what}: {summary['groups_pruned']} groups, {summary['channels_pruned']} channels "
                           f"masked (predicted {metric} loss {summary['predicted_loss']:.4f}, measured "
@@ -128,13 +129,17 @@ def add_parsers(sub) -> None:
              "--threshold LOSS: each channel group gets the largest analysed rate whose own accuracy loss (and that\n"
              "of every smaller rate) is at most LOSS: absolute, in the model's metric (mAP@0.5 or top-1; 0.01 = one\n"
              "point). It must lie in [0, the model's metric).\n"
-             "--rate F: remove a share F (0 < F < 1) of the BFLOPs with the least predicted loss.\n"
+             "--rate F: remove a share F (0 < F < 1) of the BFLOPs (--by params: of the parameters) with the least\n"
+             "predicted loss.\n"
              "Writes the masked pair (same shapes, pruned channels output exactly zero) and the masks, and measures\n"
              "the masked model's metric.")
     p.add_argument("--data", help="Darknet .data file (default: the one the analysis used)")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--threshold", type=float, help="accuracy loss each layer may cost")
-    group.add_argument("--rate", type=float, help="share of BFLOPs to remove (0..1)")
+    group.add_argument("--rate", type=float, help="share of BFLOPs (or, with --by params, of parameters) to remove "
+                                                  "(0..1)")
+    p.add_argument("--by", choices=["bflops", "params"],
+                   help="what --rate is a share of: Darknet's BFLOPs (default) or the parameter count")
     p.add_argument("--exclude", help="comma list of layers never pruned")
     p.add_argument("--divisible", type=int, help="round kept channels up to a multiple of N (default: as analysed)")
     p.add_argument("--limit", type=int, help="images to measure the masked model on (default: as the analysis)")

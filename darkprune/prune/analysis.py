@@ -78,9 +78,10 @@ class Sensitivity:
 
     # -- planning (see plan.py) ---------------------------------------------------------------------------------
     def plan(self, threshold: float | None = None, rate: float | None = None, divisible: int | None = None,
-             exclude=()):
+             exclude=(), by: str = "bflops"):
         """A Plan: `threshold=` (accuracy loss each group may cost, in the metric's units) or `rate=` (share of
-        BFLOPs to remove). `exclude`: layer names/indices never pruned (needs the model)."""
+        BFLOPs to remove; `by="params"`: share of the parameters). `exclude`: layer names/indices never pruned
+        (needs the model)."""
         from .plan import plan_by_rate, plan_by_threshold
         if (threshold is None) == (rate is None):
             raise DarkpruneError("give exactly one of threshold= (accuracy loss per layer) or rate= (BFLOPs share)")
@@ -92,7 +93,7 @@ class Sensitivity:
             return plan_by_threshold(self, threshold, divisible, excluded)
         if self.model is None:
             raise DarkpruneError("planning by rate needs the model: Sensitivity.load(path, model)")
-        return plan_by_rate(self.model, self, rate, divisible, excluded, self.grouping)
+        return plan_by_rate(self.model, self, rate, divisible, excluded, self.grouping, cost=by)
 
     def with_reconstructed(self) -> "Sensitivity":
         """The same analysis with the reconstructed curves in place of the plain ones (what `prune --reconstruct`

@@ -71,8 +71,9 @@ def check_steps(steps) -> int:
 
 
 def gradual_plans(model: Model, sensitivity, steps: int, rate: float | None = None, threshold: float | None = None,
-                  divisible: int = 1, exclude=(), grouping: Grouping | None = None) -> list[Plan]:
-    """The K plans of a gradual run: plan_by_rate at rate * i / K (or plan_by_threshold at threshold * i / K), with
+                  divisible: int = 1, exclude=(), grouping: Grouping | None = None, cost: str = "bflops") -> list[Plan]:
+    """The K plans of a gradual run: plan_by_rate at rate * i / K (of the BFLOPs, or with cost="params" of the
+    parameters) (or plan_by_threshold at threshold * i / K), with
     each group's rate at least what the previous step gave it (so the pruned channels only grow)."""
     steps = check_steps(steps)
     if (rate is None) == (threshold is None):
@@ -82,7 +83,7 @@ def gradual_plans(model: Model, sensitivity, steps: int, rate: float | None = No
     plans, floor = [], {}
     for i in range(1, steps + 1):
         if rate is not None:
-            plan = plan_by_rate(model, sensitivity, rate * i / steps, divisible, exclude, grouping)
+            plan = plan_by_rate(model, sensitivity, rate * i / steps, divisible, exclude, grouping, cost=cost)
         else:
             check_threshold(threshold, sensitivity)
             plan = plan_by_threshold(sensitivity, threshold * i / steps, divisible, exclude)
@@ -169,7 +170,7 @@ def _measure(model: Model, data, progress: bool):
 def prune_gradually(model: Model, sensitivity, steps: int, data, iters_per_step: int, rate: float | None = None,
                     threshold: float | None = None, compensate: bool = True, calibration=None, eval_data=None,
                     exclude=(), divisible: int = 1, finetune_options: dict | None = None, workspace=None,
-                    resume: bool = False, progress: bool = True, log=None) -> GradualResult:
+                    resume: bool = False, progress: bool = True, log=None, cost: str = "bflops") -> GradualResult:
     """Prune `model` (unchanged) to remove `rate` of its BFLOPs (or down to `threshold`) in `steps` cuts, each
     recovered by compensation, reconstruction on `calibration` images (when given) and `iters_per_step` finetuning
     iterations on `data` (see the module doc). `eval_data`: a dataset measured before and after each finetune (for the record; optional).
@@ -181,7 +182,7 @@ def prune_gradually(model: Model, sensitivity, steps: int, data, iters_per_step:
     if iters_per_step < 0:
         raise SettingError("step_iters", f"step_iters {iters_per_step}: expected a number of iterations >= 0")
     grouping = build_grouping(model.graph)
-    plans = gradual_plans(model, sensitivity, steps, rate, threshold, divisible, exclude, grouping)
+    plans = gradual_plans(model, sensitivity, steps, rate, threshold, divisible, exclude, grouping, cost)
     options = dict(finetune_options or {})
     current, masks, records = model, None, []
     for i, plan in enumerate(plans, 1):

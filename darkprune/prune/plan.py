@@ -7,11 +7,13 @@ exceeding it is noise of the finite image set, not a free lunch). The plan's pre
 groups' losses (taken as additive; interactions between groups make the real loss of the combined model larger or
 smaller, which is why `prune` measures it).
 
-`--rate F`: the share F of the model's BFLOPs to remove. We pick, among the analysed rates, per-group rates whose
-combined saving reaches F with the least predicted loss (losses of different groups are taken as additive): a greedy
-walk along each group's lower convex hull of (BFLOPs saved, loss), always taking the step with the smallest loss per
-BFLOP saved, with the saving of the combined plan measured exactly (pruning two neighbouring groups saves more
-than the sum of each alone, since a conv then loses inputs and filters).
+`--rate F`: the share F of the model's BFLOPs to remove (`--by params`: of its parameters; Darknet counts no BFLOPs
+for connected layers). We pick, among the analysed rates, per-group rates whose combined saving reaches F with the
+least predicted loss (losses of different groups are taken as additive): a greedy walk along each group's lower
+convex hull of (BFLOPs saved, loss), always taking the step with the smallest loss per BFLOP saved, with the saving of
+the combined plan measured exactly (pruning two neighbouring groups saves more than the sum of each alone, since a
+conv then loses inputs and filters); then groups step back down to smaller rates where the target stays reached and
+the predicted loss does not grow (the hull's steps can overshoot the target by far).
 """
 from __future__ import annotations
 
@@ -147,27 +149,43 @@ def plan_by_threshold(sensitivity, threshold: float, divisible: int = 1, exclude
                 {"group_losses": losses})
 
 
+COSTS = {"bflops": ("total_bflops", "BFLOPs"), "params": ("total_params", "parameters")}
+
+
+def check_cost(cost) -> str:
+    """The quantity a rate is a share of: "bflops" (Darknet's count, the default) or "params"."""
+    key = str(cost).strip().lower() if cost is not None else "bflops"
+    if key not in COSTS:
+        raise SettingError("by", f"by {cost}: expected one of {', '.join(COSTS)} (what --rate is a share of)")
+    return key
+
+
 def plan_by_rate(model, sensitivity, fraction: float, divisible: int = 1, exclude=(),
-                 grouping: Grouping | None = None) -> Plan:
+                 grouping: Grouping | None = None, cost: str = "bflops") -> Plan:
+    """Per-group rates that remove the share `fraction` of the model's `cost` ("bflops", Darknet's count, or
+    "params", every weight, bias and batch-norm entry) with the least predicted loss (see the module doc)."""
+    cost = check_cost(cost)
+    stat, unit = COSTS[cost]
     try:
         fraction = float(fraction)
     except (TypeError, ValueError):
         raise SettingError("rate", f"rate {fraction}: expected a number between 0 and 1") from None
     if not 0 < fraction < 1:
-        raise SettingError("rate", f"rate {fraction}: the share of BFLOPs to remove must lie strictly between 0 "
+        raise SettingError("rate", f"rate {fraction}: the share of {unit} to remove must lie strictly between 0 "
                                    f"and 1")
     grouping = grouping if grouping is not None else build_grouping(model.graph)
-    total = model.graph.total_bflops
+    total = (model.graph.total_bflops if cost == "bflops"
+             else live_stats(model, Masks.for_model(model, {}, (), grouping), grouping)[stat])
     if total <= 0:
-        raise DarkpruneError(f"{model.cfg_path}: the model has no BFLOPs to remove (Darknet counts none for its "
-                             f"layers)")
+        raise DarkpruneError(f"{model.cfg_path}: the model has no {unit} to remove"
+                             f"{' (Darknet counts none for its layers)' if cost == 'bflops' else ''}")
     target = fraction * total
 
     # per-group candidate steps: (rate, saving alone, loss), on the lower convex hull of loss against saving
     def saving_of(rates: dict[int, float]) -> float:
         masks = masks_for_plan(model, Plan(rates, "rate", fraction, 0.0, sensitivity.criterion, divisible), (),
                                grouping)
-        return total - live_stats(model, masks, grouping)["total_bflops"]
+        return total - live_stats(model, masks, grouping)[stat]
 
     hulls: dict[int, list[tuple[float, float, float]]] = {}
     for gid in sorted(sensitivity.curves):
@@ -192,15 +210,50 @@ def plan_by_rate(model, sensitivity, fraction: float, divisible: int = 1, exclud
                 best = (slope, gid, r1, l1 - l0)
         if best is None:
             raise SettingError("rate", f"rate {fraction}: even the largest analysed rates of every group remove only "
-                                       f"{achieved / total:.1%} of the BFLOPs; analyse larger rates or ask less")
+                                       f"{achieved / total:.1%} of the {unit}; analyse larger rates or ask less")
         _, gid, rate, dloss = best
         position[gid] += 1
         current[gid] = rate
         predicted += dloss
         achieved = saving_of({g: r for g, r in current.items() if r > 0})
+    envelopes = {gid: dict(loss_envelope(sensitivity, gid)) for gid in hulls}
+    current, achieved, trimmed_loss = _trim_overshoot(current, envelopes, saving_of, target, achieved)
+    predicted = predicted if trimmed_loss is None else trimmed_loss
     rates = {g: r for g, r in current.items() if r > 0}
     return Plan(rates, "rate", fraction, predicted, sensitivity.criterion, divisible,
-                {"bflops_removed": achieved, "bflops_total": total})
+                {"cost": cost, f"{cost}_removed": achieved, f"{cost}_total": total})
+
+
+def _trim_overshoot(current: dict[int, float], envelopes: dict[int, dict[float, float]], saving_of, target: float,
+                    achieved: float, budget: int = 256) -> tuple[dict[int, float], float, float | None]:
+    """Take back what the hull walk overshot: its steps skip rates off the convex hull, so its last step can save far
+    more than the target asks (LeNet by parameters: 22% kept for a 30% target). Repeatedly, among the moves of one
+    group down to a smaller analysed rate (off its hull included) that do not raise the predicted loss, the one with
+    the largest loss reduction (ties: the smallest new rate) that still reaches the target is taken. Rates only go
+    down, so this ends; `budget` bounds the exact savings measured (each is a masking of the whole model: some
+    15 ms on Yolo-Fastest). (rates, saving, the new predicted loss or None when nothing moved)."""
+    def loss_of(rates):
+        return sum(envelopes[g].get(r, 0.0) for g, r in rates.items() if r > 0)
+
+    current, trimmed = dict(current), False
+    while budget > 0:
+        base = loss_of(current)
+        moves = sorted((-round(base - loss_of({**current, gid: lower}), 12), lower, gid)
+                       for gid, rate in current.items() for lower in [0.0] + list(envelopes[gid]) if lower < rate)
+        taken = None
+        for neg_reduction, lower, gid in moves:
+            if neg_reduction > 0 or budget <= 0:
+                break
+            trial = {**current, gid: lower}
+            budget -= 1
+            saved = saving_of({g: r for g, r in trial.items() if r > 0})
+            if saved >= target:
+                taken = (trial, saved)
+                break
+        if taken is None:
+            break
+        (current, achieved), trimmed = taken, True
+    return current, achieved, (loss_of(current) if trimmed else None)
 
 
 def _lower_hull(points: list[tuple[float, float, float]]) -> list[tuple[float, float, float]]:

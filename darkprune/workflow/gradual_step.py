@@ -70,6 +70,7 @@ def run_gradual(s: Settings, model, ws, sens, dataset, values: dict, divisible: 
                 log, extra_options: dict | None = None, calibration=None, compensate: bool = True):
     """The last step's masked model (its .masks set), its plan and the per-step records."""
     from ..prune.gradual import prune_gradually
+    from ..prune.plan import check_cost
     from ..util.jsonio import write_json
     rate, threshold = s.number("rate"), s.number("threshold")
     data = _training_data(s.get("data") or sens.data)
@@ -77,7 +78,7 @@ def run_gradual(s: Settings, model, ws, sens, dataset, values: dict, divisible: 
     if values["teacher"]:           # distil each step's finetune from the unpruned model
         options.update(teacher=model, distill_weight=values["distill_weight"])
     folder = ws.file(GRADUAL_DIR)
-    record = {"rate": rate, "threshold": threshold, "steps": values["steps"], "step_iters": values["step_iters"],
+    record = {"rate": rate, "threshold": threshold, "by": str(s.get("by") or "bflops"), "steps": values["steps"], "step_iters": values["step_iters"],
               "divisible": divisible, "exclude": sorted(int(g) for g in excluded), "weights": str(model.weights_path),
               "data": str(data), "teacher": values["teacher"], "distill_weight": values["distill_weight"],
               "options": {k: str(v) for k, v in sorted(options.items()) if k != "teacher"},
@@ -88,5 +89,5 @@ def run_gradual(s: Settings, model, ws, sens, dataset, values: dict, divisible: 
     result = prune_gradually(model, sens, values["steps"], data, values["step_iters"], rate=rate,
                              threshold=threshold, compensate=compensate, calibration=calibration, eval_data=dataset,
                              exclude=excluded, divisible=divisible, finetune_options=options, workspace=folder,
-                             resume=resume, progress=progress, log=log)
+                             resume=resume, progress=progress, log=log, cost=check_cost(s.get("by")))
     return result

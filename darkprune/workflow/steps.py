@@ -18,7 +18,7 @@ from .workspace import Workspace, absolute_settings, check_workspace_path
 
 ANA_KEYS = ["rates", "criterion", "limit", "shard", "exclude", "divisible", "batch", "no_prefix_cache", "merge",
             "ana_out_file", "cluster", "reconstruct", "calib_images"]
-PRUNE_KEYS = ["threshold", "rate", "exclude", "divisible", "limit", "batch", "prune_out_weights", "compensate",
+PRUNE_KEYS = ["threshold", "rate", "by", "exclude", "divisible", "limit", "batch", "prune_out_weights", "compensate",
               "reconstruct", "calib_images", "steps", "step_iters", "step_lr", "seed", "teacher", "distill_weight",
               "plan_curves"]
 TRANSFORM_KEYS = ["out", "out_cfg"]
@@ -203,7 +203,7 @@ def run_prune(s: Settings, progress: bool = True) -> dict:
         warnings.warn(f"{where + ': divisible=' if where else 'divisible '}{divisible}: the analysis was measured "
                       f"with divisible={sens.divisible}, so its losses are for slightly different channel counts")
     gradual = gradual_values(s)
-    plan = _plan(model, sens, threshold, rate, divisible, excluded) if gradual["steps"] == 1 else None
+    plan = _plan(model, sens, threshold, rate, divisible, excluded, s.get("by")) if gradual["steps"] == 1 else None
     inputs = [s["cfg"], s["weights"], s.get("data"), s.get("config")]
     files = {"cfg": ws.file("pruned.cfg"), "weights": Path(s.get("prune_out_weights") or ws.file("pruned.weights")),
              "masks": ws.file("masks.json"), "plan": ws.file("plan.json")}
@@ -249,11 +249,12 @@ def calibration_paths(s: Settings, data) -> list[str]:
     return paths[:count] if len(paths) >= count else paths
 
 
-def _plan(model, sens, threshold, rate, divisible, excluded):
-    from ..prune.plan import plan_by_rate, plan_by_threshold
+def _plan(model, sens, threshold, rate, divisible, excluded, by=None):
+    from ..prune.plan import check_cost, plan_by_rate, plan_by_threshold
+    cost = check_cost(by)               # checked with a threshold too: a typo is refused, not ignored
     if threshold is not None:
         return plan_by_threshold(sens, threshold, divisible, excluded)
-    return plan_by_rate(model, sens, rate, divisible, excluded)
+    return plan_by_rate(model, sens, rate, divisible, excluded, cost=cost)
 
 
 def _cut(s, model, ws, sens, plan, dataset, progress, gradual, excluded, divisible, calibration):
@@ -303,7 +304,7 @@ def _mask_and_measure(s, model, ws, sens, plan, dataset, files, progress, gradua
     ws.write_json("plan.json", plan.to_json())
     masks.save(files["masks"])
     masked.save(files["cfg"], files["weights"])
-    ws.save_config("prune", absolute_settings(s, ("cfg", "weights", "data", "threshold", "rate", "exclude",
+    ws.save_config("prune", absolute_settings(s, ("cfg", "weights", "data", "threshold", "rate", "by", "exclude",
                                                   "divisible", "limit", "prune_out_weights", "compensate",
                                                   "steps", "step_iters", "step_lr", "seed", "reconstruct",
                                                   "calib_images", "teacher", "distill_weight", "plan_curves")))
