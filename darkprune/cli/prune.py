@@ -95,6 +95,44 @@ def _analysis_flags(p) -> None:
                    help="recompute every layer for every evaluation (slower; for comparison)")
 
 
+def _prune_flags(p) -> None:
+    """`prune`'s own settings: the plan, the recovery of each cut, the gradual steps."""
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--threshold", type=float, help="accuracy loss each layer may cost")
+    group.add_argument("--rate", type=float, help="share of BFLOPs (or, with --by params, of parameters) to remove "
+                                                  "(0..1)")
+    p.add_argument("--by", choices=["bflops", "params"],
+                   help="what --rate is a share of: Darknet's BFLOPs (default) or the parameter count")
+    p.add_argument("--exclude", help="comma list of layers never pruned")
+    p.add_argument("--divisible", type=int, help="round kept channels up to a multiple of N (default: as analysed)")
+    p.add_argument("--limit", type=int, help="images to measure the masked model on (default: as the analysis)")
+    p.add_argument("--batch", type=int, help="images per forward pass (default 16)")
+    p.add_argument("--compensate", action="store_true",
+                   help="fold each pruned channel's constant output (act of its batch-norm shift or bias) into the "
+                        "biases / batch-norm means of the layers reading it (default: off)")
+    p.add_argument("--steps", type=int, help="reach the target in K cuts, each followed by a short finetune on the "
+                                             ".data file's train= images (default 1: one cut)")
+    p.add_argument("--step-iters", dest="step_iters", type=int,
+                   help="finetuning iterations after each cut (required with --steps > 1)")
+    p.add_argument("--step-lr", dest="step_lr", type=float,
+                   help="learning rate of those finetunes (default: the cfg's, as finetune takes it; a cfg's "
+                        "from-scratch rate is often too high: Yolo-Fastest keeps its mAP at 0.0001, not 0.001)")
+    p.add_argument("--seed", type=int, help="seed of the steps' finetunes (default 0)")
+    p.add_argument("--teacher", choices=["original"], help="distil the steps' finetunes from the unpruned model")
+    p.add_argument("--distill-weight", dest="distill_weight", type=float,
+                   help="weight of the distillation term of those finetunes (default 1)")
+    p.add_argument("--reconstruct", action="store_true",
+                   help="after compensation, refit the layers reading pruned channels so that their outputs match "
+                        "the unpruned model's on calibration images of the .data file's train= list (no labels "
+                        "needed; never the valid= list)")
+    p.add_argument("--calib-images", dest="calib_images", type=int,
+                   help="calibration images for --reconstruct (default 256; mirrored copies fill a shorter list)")
+    p.add_argument("--plan-curves", dest="plan_curves", choices=["auto", "plain", "reconstructed"],
+                   help="which sensitivity curves to plan on: plain (default; measured better, see README), "
+                        "reconstructed (those `ana --reconstruct` measured) or auto (the reconstructed ones when "
+                        "--reconstruct is given and they exist)")
+
+
 @parsers
 def add_parsers(sub) -> None:
     def base(name, help_text, description):
@@ -134,39 +172,7 @@ def add_parsers(sub) -> None:
              "Writes the masked pair (same shapes, pruned channels output exactly zero) and the masks, and measures\n"
              "the masked model's metric.")
     p.add_argument("--data", help="Darknet .data file (default: the one the analysis used)")
-    group = p.add_mutually_exclusive_group()
-    group.add_argument("--threshold", type=float, help="accuracy loss each layer may cost")
-    group.add_argument("--rate", type=float, help="share of BFLOPs (or, with --by params, of parameters) to remove "
-                                                  "(0..1)")
-    p.add_argument("--by", choices=["bflops", "params"],
-                   help="what --rate is a share of: Darknet's BFLOPs (default) or the parameter count")
-    p.add_argument("--exclude", help="comma list of layers never pruned")
-    p.add_argument("--divisible", type=int, help="round kept channels up to a multiple of N (default: as analysed)")
-    p.add_argument("--limit", type=int, help="images to measure the masked model on (default: as the analysis)")
-    p.add_argument("--batch", type=int, help="images per forward pass (default 16)")
-    p.add_argument("--compensate", action="store_true",
-                   help="fold each pruned channel's constant output (act of its batch-norm shift or bias) into the "
-                        "biases / batch-norm means of the layers reading it (default: off)")
-    p.add_argument("--steps", type=int, help="reach the target in K cuts, each followed by a short finetune on the "
-                                             ".data file's train= images (default 1: one cut)")
-    p.add_argument("--step-iters", dest="step_iters", type=int,
-                   help="finetuning iterations after each cut (required with --steps > 1)")
-    p.add_argument("--step-lr", dest="step_lr", type=float, help="learning rate of those finetunes (default: the "
-                                                                  "cfg's, as finetune takes it)")
-    p.add_argument("--seed", type=int, help="seed of the steps' finetunes (default 0)")
-    p.add_argument("--teacher", choices=["original"], help="distil the steps' finetunes from the unpruned model")
-    p.add_argument("--distill-weight", dest="distill_weight", type=float,
-                   help="weight of the distillation term of those finetunes (default 1)")
-    p.add_argument("--reconstruct", action="store_true",
-                   help="after compensation, refit the layers reading pruned channels so that their outputs match "
-                        "the unpruned model's on calibration images of the .data file's train= list (no labels "
-                        "needed; never the valid= list)")
-    p.add_argument("--calib-images", dest="calib_images", type=int,
-                   help="calibration images for --reconstruct (default 256; mirrored copies fill a shorter list)")
-    p.add_argument("--plan-curves", dest="plan_curves", choices=["auto", "plain", "reconstructed"],
-                   help="which sensitivity curves to plan on: plain (default; measured better, see README), "
-                        "reconstructed (those `ana --reconstruct` measured) or auto (the reconstructed ones when "
-                        "--reconstruct is given and they exist)")
+    _prune_flags(p)
 
     p = base("transform", "step 4: remove the masked channels for real -> a smaller .cfg/.weights",
              "Remove the channels masked in the workspace (and the inputs of every layer reading them) from WEIGHTS\n"
