@@ -1,0 +1,119 @@
+"""Activation memory of the network runner: one arena per thread, laid out once per kind of forward.
+
+A batched forward used to allocate every activation afresh; the C library serves arrays of megabytes with fresh
+mappings, so every layer of every batch paid page faults and zero-filling. Instead the runner plans, for a given
+(batch size, first and last layer, wanted outputs), where each intermediate output lives in one flat arena: the
+outputs' lifetimes are known from the graph (from the producing layer to its last reader), and outputs whose
+lifetimes overlap get disjoint ranges (greedy by size, largest first, each at the lowest free offset), so the arena
+is about the size of the largest set of outputs alive at once. Plans are cached; each thread keeps one arena (grown
+to the largest plan it ran), reused by every later forward on that thread, of that Network and of its variants.
+
+What may live in the arena: the output of a layer whose kernel writes into a given buffer (`EngineOps.into`), that
+is not returned and cannot become part of a returned array. The last point is decided conservatively: a layer
+without `into` might return its input itself (an identity such as [dropout]), so an output read by such a layer
+lives as long as that layer's output, and stays out of the arena when that one is returned. Inputs the caller
+passes (the batch, `cached` frontier outputs) are never in an arena, nor is anything a forward returns: a caller may
+keep every array it got back.
+"""
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+
+_ALIGN = 16   # elements (64 bytes) between the starts of two outputs
+
+
+class ArenaPlan:
+    """Offsets (in elements) of the arena-resident outputs of one kind of forward, and the arena size they need."""
+
+    def __init__(self, sizes: dict[int, int], lives: dict[int, tuple[int, int]]):
+        self.sizes = dict(sizes)
+        self.offsets: dict[int, int] = {}
+        placed: list[tuple[int, int, int, int]] = []        # (start, end, first layer, last layer)
+        for i in sorted(sizes, key=lambda k: (-sizes[k], k)):
+            t0, t1 = lives[i]
+            size = -(-sizes[i] // _ALIGN) * _ALIGN
+            offset = 0
+            for lo, hi in sorted((lo, hi) for lo, hi, a, b in placed if a <= t1 and t0 <= b):
+                if offset + size <= lo:
+                    break
+                offset = max(offset, hi)
+            self.offsets[i] = offset
+            placed.append((offset, offset + size, t0, t1))
+        self.size = max((hi for _, hi, _, _ in placed), default=0)
+
+
+def plan_arena(graph, batch: int, start: int, last: int, wanted: set, consumers: dict, writes_into) -> ArenaPlan:
+    """The ArenaPlan of running layers start..last on `batch` images. consumers: {layer: [readers]};
+    writes_into(layer) -> whether the layer's kernel writes into a buffer it is given."""
+    end: dict[int, int] = {}
+    escapes: dict[int, bool] = {}
+    for index in range(last, start - 1, -1):
+        until, escaped = index, index in wanted
+        for k in consumers.get(index, []):
+            if k > last:
+                continue
+            until = max(until, k)
+            if not writes_into(graph[k]):      # k may hand on (a view of) its input as its output
+                until = max(until, end[k])
+                escaped = escaped or escapes[k]
+        end[index], escapes[index] = until, escaped
+    sizes, lives = {}, {}
+    for index in range(start, last + 1):
+        layer = graph[index]
+        if escapes[index] or not writes_into(layer):
+            continue
+        count = batch
+        for s in layer.out_shape:
+            count *= int(s)
+        sizes[index], lives[index] = count, (index, end[index])
+    return ArenaPlan(sizes, lives)
+
+
+class Arenas:
+    """Per-thread arenas and the plan cache of one Network (shared with its variants: the same graph)."""
+
+    def __init__(self):
+        self.plans: dict[tuple, ArenaPlan] = {}
+        self._arenas: dict[int, np.ndarray] = {}
+        self._lock = threading.Lock()
+
+    def arena(self, elements: int) -> np.ndarray:
+        """This thread's arena, at least `elements` float32 long."""
+        key = threading.get_ident()
+        buf = self._arenas.get(key)
+        if buf is None or buf.size < elements:
+            del buf
+            with self._lock:
+                self._arenas.pop(key, None)     # free the old one before making the larger one
+            buf = np.empty(max(elements, 1), np.float32)
+            with self._lock:
+                self._arenas[key] = buf
+        return buf
+
+    def release(self) -> None:
+        """Free every thread's arena (plans are kept)."""
+        with self._lock:
+            self._arenas = {}
+
+
+class Slots:
+    """One forward's allocator: alloc(layer)(shape) -> the layer's range of the arena, reshaped (a fresh array
+    when the layer has no range in the plan or asks for another size than planned)."""
+
+    def __init__(self, plan: ArenaPlan, arena: np.ndarray):
+        self.plan = plan
+        self.arena = arena
+
+    def alloc(self, index: int):
+        offset = self.plan.offsets.get(index)
+
+        def take(shape, dtype=np.float32):
+            count = 1
+            for s in shape:
+                count *= int(s)
+            if offset is None or count != self.plan.sizes[index] or np.dtype(dtype) != np.float32:
+                return np.empty(shape, dtype)
+            return self.arena[offset:offset + count].reshape(shape)
+        return take
