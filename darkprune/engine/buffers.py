@@ -25,28 +25,34 @@ _ALIGN = 16   # elements (64 bytes) between the starts of two outputs
 
 
 class ArenaPlan:
-    """Offsets (in elements) of the arena-resident outputs of one kind of forward, and the arena size they need."""
+    """Offsets (in elements) of the arena-resident outputs of one kind of forward, and the arena size they need.
 
-    def __init__(self, sizes: dict[int, int], lives: dict[int, tuple[int, int]]):
-        self.sizes = dict(sizes)
-        self.offsets: dict[int, int] = {}
+    blocks: {block: (elements, (first layer, last layer))}, ranges of the arena placed so that blocks alive at the
+    same time do not overlap; members: {layer: (block, offset in the block, elements)}, where each output lives."""
+
+    def __init__(self, blocks: dict[int, tuple[int, tuple[int, int]]], members: dict[int, tuple[int, int, int]],
+                 fused: set[int] = frozenset()):
+        start: dict[int, int] = {}
         placed: list[tuple[int, int, int, int]] = []        # (start, end, first layer, last layer)
-        for i in sorted(sizes, key=lambda k: (-sizes[k], k)):
-            t0, t1 = lives[i]
-            size = -(-sizes[i] // _ALIGN) * _ALIGN
+        for blk in sorted(blocks, key=lambda k: (-blocks[k][0], k)):
+            count, (t0, t1) = blocks[blk]
+            size = -(-count // _ALIGN) * _ALIGN
             offset = 0
             for lo, hi in sorted((lo, hi) for lo, hi, a, b in placed if a <= t1 and t0 <= b):
                 if offset + size <= lo:
                     break
                 offset = max(offset, hi)
-            self.offsets[i] = offset
+            start[blk] = offset
             placed.append((offset, offset + size, t0, t1))
+        self.offsets = {i: start[blk] + off for i, (blk, off, _) in members.items()}
+        self.sizes = {i: count for i, (_, _, count) in members.items()}
+        self.fused = set(fused)     # routes whose inputs were written in place: nothing left to copy
         self.size = max((hi for _, hi, _, _ in placed), default=0)
 
 
-def plan_arena(graph, batch: int, start: int, last: int, wanted: set, consumers: dict, writes_into) -> ArenaPlan:
-    """The ArenaPlan of running layers start..last on `batch` images. consumers: {layer: [readers]};
-    writes_into(layer) -> whether the layer's kernel writes into a buffer it is given."""
+def _lifetimes(graph, start, last, wanted, consumers, writes_into):
+    """For each layer start..last: the last layer that may read its output (directly or through a layer that might
+    pass it on), and whether it may become part of a returned array."""
     end: dict[int, int] = {}
     escapes: dict[int, bool] = {}
     for index in range(last, start - 1, -1):
@@ -59,16 +65,46 @@ def plan_arena(graph, batch: int, start: int, last: int, wanted: set, consumers:
                 until = max(until, end[k])
                 escaped = escaped or escapes[k]
         end[index], escapes[index] = until, escaped
-    sizes, lives = {}, {}
-    for index in range(start, last + 1):
-        layer = graph[index]
-        if escapes[index] or not writes_into(layer):
-            continue
-        count = batch
-        for s in layer.out_shape:
-            count *= int(s)
-        sizes[index], lives[index] = count, (index, end[index])
-    return ArenaPlan(sizes, lives)
+    return end, escapes
+
+
+def _elements(batch, shape):
+    count = batch
+    for s in shape:
+        count *= int(s)
+    return count
+
+
+def plan_arena(graph, batch: int, start: int, last: int, wanted: set, consumers: dict, writes_into) -> ArenaPlan:
+    """The ArenaPlan of running layers start..last on `batch` images. consumers: {layer: [readers]};
+    writes_into(layer) -> whether the layer's kernel writes into a buffer it is given.
+
+    With one image, a concatenating [route] (groups=1) whose inputs are all produced here, in the arena, and in no
+    other such route, gets one block, and its inputs are written straight into their channels of it."""
+    end, escapes = _lifetimes(graph, start, last, wanted, consumers, writes_into)
+    resident = [i for i in range(start, last + 1) if not escapes[i] and writes_into(graph[i])]
+    blocks, members, fused, taken = {}, {}, set(), set()
+    if batch == 1:
+        for index in resident:
+            layer = graph[index]
+            ins = layer.inputs
+            if (layer.type != "route" or layer.attrs["groups"] != 1 or len(ins) < 2 or len(set(ins)) != len(ins)
+                    or any(i < start or i in taken or i in fused or escapes[i] or not writes_into(graph[i])
+                           or graph[i].out_shape[1:] != layer.out_shape[1:] for i in ins)):
+                continue
+            offset = 0
+            for i in ins:
+                members[i] = (index, offset, _elements(1, graph[i].out_shape))
+                offset += members[i][2]
+            members[index] = (index, 0, _elements(1, layer.out_shape))
+            blocks[index] = (members[index][2], (min(ins), max([end[index]] + [end[i] for i in ins])))
+            fused.add(index)
+            taken.update(ins)
+    for index in resident:
+        if index not in members:
+            members[index] = (index, 0, _elements(batch, graph[index].out_shape))
+            blocks[index] = (members[index][2], (index, end[index]))
+    return ArenaPlan(blocks, members, fused)
 
 
 class Arenas:
@@ -105,6 +141,16 @@ class Slots:
     def __init__(self, plan: ArenaPlan, arena: np.ndarray):
         self.plan = plan
         self.arena = arena
+
+    def in_place(self, index: int, ins) -> bool:
+        """Whether fused route `index`'s inputs are where the plan put them (then its output is already there)."""
+        base = self.arena.ctypes.data
+        for i, a in ins:
+            offset = self.plan.offsets.get(i)
+            if (offset is None or a.size != self.plan.sizes[i] or a.dtype != np.float32
+                    or a.ctypes.data != base + 4 * offset or not a.flags.c_contiguous):
+                return False
+        return True
 
     def alloc(self, index: int):
         offset = self.plan.offsets.get(index)

@@ -110,7 +110,9 @@ class Network:
             except KeyError as missing:
                 raise DarkpruneError(f"layer {layer.index}: input from layer {missing} is not available "
                                      f"(resume from layer {start} needs {self.frontier(start)})") from None
-            if layer.index in plan.offsets:
+            if layer.index in plan.fused and slots.in_place(layer.index, zip(layer.inputs, ins)):
+                out = slots.alloc(layer.index)((batch,) + tuple(layer.out_shape))
+            elif layer.index in plan.offsets:
                 out = layer_type(layer).engine.into(layer, self._prepared[layer.index], ins, slots.alloc(layer.index))
             else:
                 out = self._run(layer, ins)
