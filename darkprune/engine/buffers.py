@@ -108,30 +108,25 @@ def plan_arena(graph, batch: int, start: int, last: int, wanted: set, consumers:
 
 
 class Arenas:
-    """Per-thread arenas and the plan cache of one Network (shared with its variants: the same graph)."""
+    """Per-thread arenas and the plan cache of one Network (shared with its variants: the same graph). An arena
+    belongs to its thread (threading.local): it goes when the thread or the Network does."""
 
     def __init__(self):
         self.plans: dict[tuple, ArenaPlan] = {}
-        self._arenas: dict[int, np.ndarray] = {}
-        self._lock = threading.Lock()
+        self._local = threading.local()
 
     def arena(self, elements: int) -> np.ndarray:
         """This thread's arena, at least `elements` float32 long."""
-        key = threading.get_ident()
-        buf = self._arenas.get(key)
+        buf = getattr(self._local, "arena", None)
         if buf is None or buf.size < elements:
-            del buf
-            with self._lock:
-                self._arenas.pop(key, None)     # free the old one before making the larger one
+            self._local.arena = buf = None      # free the old one before making the larger one
             buf = np.empty(max(elements, 1), np.float32)
-            with self._lock:
-                self._arenas[key] = buf
+            self._local.arena = buf
         return buf
 
     def release(self) -> None:
-        """Free every thread's arena (plans are kept)."""
-        with self._lock:
-            self._arenas = {}
+        """Free this thread's arena (plans are kept)."""
+        self._local.arena = None
 
 
 class Slots:
