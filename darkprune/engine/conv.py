@@ -89,7 +89,8 @@ PATHS = (PATH_GEMM_1X1, PATH_WINOGRAD, PATH_DIRECT_1CH, PATH_IM2COL)
 
 _IM2COL_TARGET_COLS = 2048        # GEMM columns per im2col block
 _IM2COL_MAX_SCRATCH = 8 << 20     # bytes of im2col scratch per thread
-_WINOGRAD_MAX_SCRATCH = 16 << 20  # bytes of transformed input per batch chunk (the GEMM output needs as much again)
+_WINOGRAD_MAX_SCRATCH = 6 << 20   # bytes of transformed input per batch chunk (the GEMM output needs as much again)
+_WINOGRAD_MIN_TILES = 64          # ... but chunks of at least this many tiles (GEMM columns), for small images
 _WINOGRAD_LONG_MIN_TILES = 8      # tiles per band from which the long-loop layout pays
 _BACKWARD_MAX_SCRATCH = 64 << 20  # bytes of im2col + col2im scratch per thread in the per-image backward
 
@@ -282,7 +283,8 @@ class Conv2dPlan:
         long_loops = tw >= _WINOGRAD_LONG_MIN_TILES
         per_band = tw + 1 if long_loops else tw
         per_image = 36 * max(self.c, self.n) * th * per_band * itemsize
-        chunk = max(1, min(nb, _WINOGRAD_MAX_SCRATCH // per_image))
+        per_image_tiles = th * per_band
+        chunk = max(1, min(nb, max(_WINOGRAD_MAX_SCRATCH // per_image, -(-_WINOGRAD_MIN_TILES // per_image_tiles))))
         for b0 in range(0, nb, chunk):
             b1 = min(nb, b0 + chunk)
             tiles = (b1 - b0) * th * per_band

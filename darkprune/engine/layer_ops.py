@@ -43,6 +43,8 @@ class EngineOps:
     backward: Callable
     prepare: Callable | None = None
     work: Callable | None = None
+    # `into(layer, prep, ins, alloc)` -> output: infer writing into `alloc(shape)` (the runner's buffer pool)
+    into: Callable | None = None
 
 
 def _identity_infer(layer, prep, ins):
@@ -74,6 +76,11 @@ def _conv_prepare(net, layer, p):
 
 def _conv_infer(layer, prep, ins):
     return prep[0].forward(ins[0])
+
+
+def _conv_into(layer, prep, ins, alloc):
+    plan = prep[0]
+    return plan.forward(ins[0], out=alloc(plan.output_shape(ins[0].shape)))
 
 
 def _conv_forward(run, layer, ins, p, rng):
@@ -205,6 +212,17 @@ def _maxpool_infer(layer, prep, ins):
     return pool.maxpool_forward(ins[0], a["size"], a["stride_x"], a["stride_y"], a["padding"])
 
 
+def _maxpool_into(layer, prep, ins, alloc):
+    a = layer.attrs
+    if a["maxpool_depth"]:
+        return _maxpool_infer(layer, prep, ins)
+    n, c, h, w = ins[0].shape
+    shape = (n, c) + pool.pool_output_hw(h, w, a["size"], a["stride_x"], a["stride_y"], a["padding"])
+    if min(shape) < 1:
+        return _maxpool_infer(layer, prep, ins)   # its own error message
+    return pool.maxpool_forward(ins[0], a["size"], a["stride_x"], a["stride_y"], a["padding"], out=alloc(shape))
+
+
 def _maxpool_forward(run, layer, ins, p, rng):
     a = layer.attrs
     if a["maxpool_depth"]:
@@ -243,6 +261,12 @@ def _route_infer(layer, prep, ins):
     return route.route_forward(ins, layer.attrs["groups"], layer.attrs["group_id"])
 
 
+def _route_into(layer, prep, ins, alloc):
+    a = layer.attrs
+    shape = route.route_output_shape([v.shape for v in ins], a["groups"], a["group_id"])
+    return route.route_forward(ins, a["groups"], a["group_id"], out=alloc(shape))
+
+
 def _route_backward(run, layer, g, saved, ins, out, p):
     parts = route.route_backward(g, [v.shape for v in ins], layer.attrs["groups"], layer.attrs["group_id"])
     yield from zip(layer.inputs, parts)
@@ -256,6 +280,14 @@ def _shortcut_infer(layer, prep, ins):
     a = layer.attrs
     weights = prep[0] if prep else None
     y = shortcut.shortcut_forward(ins[0], ins[1:], weights, a["weights_type"], a["weights_normalization"])
+    return activations.activate_(y, a["activation"])
+
+
+def _shortcut_into(layer, prep, ins, alloc):
+    a = layer.attrs
+    weights = prep[0] if prep else None
+    y = shortcut.shortcut_forward(ins[0], ins[1:], weights, a["weights_type"], a["weights_normalization"],
+                                  out=alloc(ins[0].shape))
     return activations.activate_(y, a["activation"])
 
 
@@ -313,6 +345,11 @@ def _sam_backward(run, layer, g, saved, ins, out, p):
 # -- reshaping -------------------------------------------------------------------------------------------------------
 def _upsample_infer(layer, prep, ins):
     return upsample.upsample_forward(ins[0], layer.attrs["stride"], layer.attrs["scale"])
+
+
+def _upsample_into(layer, prep, ins, alloc):
+    shape = upsample.upsample_output_shape(ins[0].shape, layer.attrs["stride"])
+    return upsample.upsample_forward(ins[0], layer.attrs["stride"], layer.attrs["scale"], out=alloc(shape))
 
 
 def _upsample_backward(run, layer, g, saved, ins, out, p):
@@ -440,6 +477,10 @@ ENGINE_OPS = {
     "yolo": EngineOps(_yolo_infer, _yolo_forward, _yolo_backward),
     "region": _stateless(_region_infer, _region_backward),
 }
+
+for _name, _into in (("convolutional", _conv_into), ("maxpool", _maxpool_into), ("route", _route_into),
+                     ("shortcut", _shortcut_into), ("upsample", _upsample_into)):
+    ENGINE_OPS[_name].into = _into
 
 for _name, _ops in ENGINE_OPS.items():
     LAYER_TYPES[_name].engine = _ops

@@ -2,8 +2,11 @@
 
 `Network(model)` prepares each layer once (batch norm folded into conv/connected weights with Darknet's eps 1e-5, or
 OpenCV's 1e-6 for tight comparisons), then `forward(x)` runs a (N, C, H, W) float32 batch and returns the outputs of
-the requested layers (the detection heads, or the last layer). Activations are freed as soon as their last consumer
-has run, so peak memory stays near the largest few tensors rather than the whole network.
+the requested layers (the detection heads, or the last layer). Intermediate outputs live in a per-thread arena laid
+out once per kind of forward from the outputs' lifetimes (buffers.py): a range is reused once its output's last
+reader has run, so memory stays near the largest set of outputs alive at once, and batched forwards stop allocating.
+Returned outputs are always fresh arrays, and arrays passed in are never written. With several numba threads, a
+batch is split into one shard per thread, each run through the whole network on its own thread (parallel.py).
 
 `forward(..., start=k, cached=...)` resumes from layer k given the outputs of earlier layers that later layers still
 read (`frontier(k)`): the sensitivity analysis reruns only the part of the network after the layer it changed.
@@ -16,6 +19,8 @@ from ..darknet.graph import Layer
 from ..darknet.layer_types import layer_type
 from ..darknet.model import Model
 from ..errors import DarkpruneError
+from . import parallel
+from .buffers import Arenas, Slots, plan_arena
 from .layer_ops import INFERENCE_TYPES
 
 # Darknet folds batch norm with eps 1e-5 (fuse_conv_batchnorm); OpenCV's importer with 1e-6.
@@ -36,6 +41,9 @@ class Network:
         consumers = self.graph.consumers()
         # last_use[i] = the last layer that reads layer i's output (the output itself if none)
         self.last_use = {i: max(consumers.get(i, [i])) for i in range(-1, len(self.graph))}
+        self._consumers = consumers
+        # where intermediate outputs live (shared with variants: the same graph)
+        self._arenas = Arenas()
 
     def variant(self, overrides: dict[int, dict[str, np.ndarray]]) -> "Network":
         """A Network for the same graph with some layers' parameters replaced; only those layers are prepared
@@ -80,15 +88,34 @@ class Network:
                 raise DarkpruneError(f"input batch has shape {tuple(x.shape[1:])}, the network expects "
                                      f"{expected} (channels, height, width)")
             acts[-1] = x
-        result: dict[int, np.ndarray] = {}
         last = max(wanted) if wanted else len(self.graph) - 1
+        shards = parallel.batch_shards(acts, self.graph.layers[start:last + 1])
+        if len(shards) > 1:
+            return parallel.run_shards(self._forward_layers, acts, shards, start, last, wanted)
+        return self._forward_layers(acts, start, last, wanted)
+
+    def _forward_layers(self, acts: dict, start: int, last: int, wanted: set) -> dict[int, np.ndarray]:
+        """The layer loop: intermediate outputs in this thread's arena (buffers.py), returned ones fresh."""
+        batch = next(iter(acts.values())).shape[0] if acts else 0
+        key = (batch, start, last, frozenset(wanted))
+        plan = self._arenas.plans.get(key)
+        if plan is None:
+            plan = plan_arena(self.graph, batch, start, last, wanted, self._consumers, _writes_into)
+            self._arenas.plans[key] = plan
+        slots = Slots(plan, self._arenas.arena(plan.size))
+        result: dict[int, np.ndarray] = {}
         for layer in self.graph.layers[start:last + 1]:
             try:
                 ins = [acts[i] for i in layer.inputs]
             except KeyError as missing:
                 raise DarkpruneError(f"layer {layer.index}: input from layer {missing} is not available "
                                      f"(resume from layer {start} needs {self.frontier(start)})") from None
-            out = self._run(layer, ins)
+            if layer.index in plan.fused and slots.in_place(layer.index, zip(layer.inputs, ins)):
+                out = slots.alloc(layer.index)((batch,) + tuple(layer.out_shape))
+            elif layer.index in plan.offsets:
+                out = layer_type(layer).engine.into(layer, self._prepared[layer.index], ins, slots.alloc(layer.index))
+            else:
+                out = self._run(layer, ins)
             acts[layer.index] = out
             if layer.index in wanted:
                 result[layer.index] = out
@@ -99,6 +126,10 @@ class Network:
 
     def _run(self, layer: Layer, ins: list[np.ndarray]) -> np.ndarray:
         return layer_type(layer).engine.infer(layer, self._prepared[layer.index], ins)
+
+
+def _writes_into(layer: Layer) -> bool:
+    return layer_type(layer).engine.into is not None
 
 
 def run(model: Model, x: np.ndarray, outputs: list[int] | None = None, bn_eps: float = DARKNET_BN_EPS):

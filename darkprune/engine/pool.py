@@ -56,7 +56,7 @@ def _output(out, shape, dtype, name):
 # Each kernel has a serial and a parallel (over N*C planes) entry: a parallel region costs tens of microseconds on
 # an idle machine and milliseconds on a busy one, so small layers (most of a YOLO's) run serially.
 
-PARALLEL_MIN_WORK = 1 << 21  # window reads per call above which the parallel kernels are used
+PARALLEL_MIN_WORK = 1 << 19  # window reads per call above which the parallel kernels are used
 
 
 @njit(cache=True, nogil=True)
@@ -70,10 +70,35 @@ def _valid_cols(col0, sx, w, out_w):
     return j_lo, min(out_w, (w - 1 - col0) // sx + 1)
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _maxpool_plane_2x2s2(xp, op):
+    """size 2, stride 2, every window inside the plane (YOLO's downsampling pool): the four cells in Darknet's
+    window order, each kept only if strictly greater, as _maxpool_plane does."""
+    out_h, out_w = op.shape
+    for i in range(out_h):
+        r0 = xp[2 * i]
+        r1 = xp[2 * i + 1]
+        orow = op[i]
+        for j in range(out_w):
+            m = -FLT_MAX
+            v = r0[2 * j]
+            m = v if v > m else m
+            v = r0[2 * j + 1]
+            m = v if v > m else m
+            v = r1[2 * j]
+            m = v if v > m else m
+            v = r1[2 * j + 1]
+            orow[j] = v if v > m else m
+
+
 @njit(cache=True, nogil=True)
 def _maxpool_plane(xp, op, ip, base, size, sx, sy, off, want_idx):
     h, w = xp.shape
     out_h, out_w = op.shape
+    if (not want_idx and size == 2 and sx == 2 and sy == 2 and off == 0 and 2 * out_h <= h
+            and 2 * out_w <= w):
+        _maxpool_plane_2x2s2(xp, op)
+        return
     for i in range(out_h):
         h0 = off + i * sy
         orow = op[i]
