@@ -1,0 +1,185 @@
+"""The sensitivity analysis' variants measured on every core: each batch of images of each masked variant is one task
+for a pool of worker threads (one per numba thread), each running the engine single-threaded, decoding its batch
+right after the network and handing the detections back; the calling thread adds them to the variant's evaluator in
+image order and computes the metric while the workers run the next batches.
+
+Why images across threads rather than threads inside each kernel: the layers a prefix-cached variant reruns are
+mostly small (10 x 10 and 20 x 20 maps in a Yolo-Fastest), where a parallel region costs about as much as its work
+and waits for its slowest thread (a scheduler slice when another process holds a core). Independent batches on
+independent threads have no such wait. Stacking the variants of a group into one larger batch instead was measured
+slower per image on this engine (see benchmarks/bench_ana.py's doc), so a batch stays `batch` images of one variant.
+
+The figures are those of the sequential path (variants.Measure): the same batches of the same images through the
+same kernels, the evaluator fed in image order, the same decoding kernels. `DARKPRUNE_ANA_FAST=0` (or
+CurveMeasurer(fast=False)) selects the sequential path.
+"""
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import numba
+import numpy as np
+
+from ..engine.decode import (NMS_KINDS, _nms_kernel, _yolo_candidates, correct_yolo_boxes, decode_image,
+                             head_params)
+from ..engine.network import Network
+from .variants import Measure
+
+FAST_ENV = "DARKPRUNE_ANA_FAST"
+_F32 = np.float32
+
+
+def fast_enabled(fast: bool | None = None) -> bool:
+    """The parallel path unless `fast=False` or $DARKPRUNE_ANA_FAST is 0/false/no/off."""
+    if fast is not None:
+        return bool(fast)
+    return os.environ.get(FAST_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def default_workers() -> int:
+    """One worker per numba thread the calling thread may use (so a cluster worker limited to one stays at one)."""
+    return max(1, numba.get_num_threads())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# decoding with the per-head constants kept
+
+
+class LeanDecoder:
+    """decode_image at `detector map`'s threshold and NMS for one network, with what is constant per head (anchor
+    widths and heights of its mask, grid size, NMS kind and beta) worked out once: the same kernels in the same
+    order as decode_image, so the detections are identical. Heads other than [yolo] go through decode_image."""
+
+    def __init__(self, heads: list, width: int, height: int, letterbox: bool, thresh: float, nms_thresh: float):
+        self.heads = [(index, head_params(params)) for index, params in heads]
+        self.width, self.height, self.letterbox = int(width), int(height), bool(letterbox)
+        self.thresh, self.nms_thresh = float(thresh), float(nms_thresh)
+        self.classes = self.heads[-1][1].classes
+        self.plain = all(p.kind == "yolo" and p.classes == self.classes for _, p in self.heads)
+        self.constants = []
+        for index, p in self.heads:
+            masks = p.masks
+            biases = np.asarray(p.anchors, np.float32)
+            anchor = np.asarray(masks, np.int64)
+            if p.kind == "yolo" and len(biases) >= 2 * (max(masks) + 1):
+                self.constants.append((index, len(masks), 5 + p.classes, biases[2 * anchor], biases[2 * anchor + 1],
+                                       bool(p.new_coords)))
+            else:
+                self.plain = False
+        last = self.heads[-1][1]
+        self.nms_kind, self.beta = NMS_KINDS[last.nms_kind], float(np.float32(last.beta_nms))
+
+    def __call__(self, outputs: dict, i: int, image_w: int, image_h: int) -> tuple[np.ndarray, np.ndarray]:
+        """(boxes, probs) of image `i` of a batch's head outputs, as decode_image(...).nonempty() has them."""
+        if not self.plain:
+            dets = decode_image([(outputs[index][i], params) for index, params in self.heads], self.width,
+                                self.height, image_w, image_h, thresh=self.thresh, nms_thresh=self.nms_thresh,
+                                letterbox=self.letterbox)
+            return dets.boxes, dets.probs
+        parts = []
+        for index, num, entries, anchor_w, anchor_h, new_coords in self.constants:
+            out = np.asarray(outputs[index][i], np.float32)
+            _, lh, lw = out.shape
+            view = np.ascontiguousarray(out.reshape(num, entries, lh * lw))
+            boxes, obj, probs = _yolo_candidates(view, anchor_w, anchor_h, lw, lh, self.width, self.height,
+                                                 _F32(self.thresh), new_coords)
+            if len(obj):
+                if self.letterbox:
+                    boxes = correct_yolo_boxes(boxes, image_w, image_h, self.width, self.height, True)
+                parts.append((boxes, obj, probs))
+        if not parts:
+            return np.zeros((0, 4), np.float32), np.zeros((0, self.classes), np.float32)
+        boxes, obj, probs = (parts[0] if len(parts) == 1 else
+                             tuple(np.concatenate([p[k] for p in parts]) for k in range(3)))
+        if len(boxes) > 1 and self.nms_thresh:
+            _nms_kernel(boxes, probs, obj, self.nms_thresh, self.nms_kind, self.beta)
+        keep = (probs > 0).any(axis=1)
+        return boxes[keep], probs[keep]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the metric of many variants at once
+
+
+class ParallelMeasure(Measure):
+    """Measure's metric, with the detector variants' batches run on a pool of single-threaded workers (see the
+    module doc). Classifiers, and a variant whose forward fills the prefix cache (it must see the batches in
+    order), go through Measure.submit. The pool also serves PrefixCache.advance (its `pool`)."""
+
+    def __init__(self, network: Network, dataset, metric: str, batch: int, cache_dir, workers: int | None = None):
+        from ..evaluate import MAP_NMS, MAP_THRESH
+        super().__init__(network, dataset, metric, batch, cache_dir)
+        self.outputs = None
+        self.workers = int(workers) if workers else default_workers()
+        self.pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="darkprune-variant",
+                                       initializer=numba.set_num_threads, initargs=(1,))
+        self.decoder = None
+        if self.lean:
+            self.decoder = LeanDecoder(self.heads, self.width, self.height, self.letterbox, MAP_THRESH, MAP_NMS)
+            self.batches = list(self.entry.batches(self.batch))
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
+        super().close()
+
+    def submit(self, network: Network, forward=None):
+        """The variant's metric as a future-like object (done/exception/result); see Measure.submit."""
+        if not self.lean:
+            return super().submit(network, forward)
+        if forward is None:
+            outputs = [index for index, _ in self.heads]
+
+            def run(lo, hi, x):
+                return network.forward(x, outputs=outputs)
+        elif getattr(forward, "stateless", False):
+            run = forward.batch
+        else:
+            return super().submit(network, forward)
+        tasks = [(start, self.pool.submit(self._batch, run, start, stop, inputs, sizes))
+                 for start, stop, inputs, sizes in self.batches]
+        return _Metric(self.dataset, tasks)
+
+    def _batch(self, run, start: int, stop: int, inputs: np.ndarray, sizes: np.ndarray) -> list:
+        outputs = run(start, stop, inputs)
+        return [self.decoder(outputs, i, int(sizes[i][0]), int(sizes[i][1])) for i in range(stop - start)]
+
+
+class _Metric:
+    """The metric of one variant whose batches are tasks of the pool: done() when every batch is, result() adds
+    the detections to a fresh evaluator in image order (once) and returns mAP@0.5."""
+
+    def __init__(self, dataset, tasks: list):
+        self.dataset, self.tasks = dataset, tasks
+        self.value: float | None = None
+
+    def done(self) -> bool:
+        return all(task.done() for _, task in self.tasks)
+
+    def exception(self):
+        for _, task in self.tasks:
+            if task.done() and task.exception() is not None:
+                return task.exception()
+        return None
+
+    def result(self) -> float:
+        if self.value is None:
+            from ..metrics import DetectionEvaluator
+            dataset = self.dataset
+            evaluator = DetectionEvaluator(dataset.classes, dataset.names, 0.5, 0.25, iou_thresholds=())
+            for start, task in self.tasks:
+                for i, dets in enumerate(task.result()):
+                    evaluator.add(dets, dataset.boxes[start + i])
+            self.tasks = [(start, _Done()) for start, _ in self.tasks]     # the detections are no longer needed
+            self.value = float(evaluator.result(0)["map50"])
+        return self.value
+
+
+class _Done:
+    @staticmethod
+    def done() -> bool:
+        return True
+
+    @staticmethod
+    def exception():
+        return None
