@@ -118,3 +118,20 @@ def test_lean_decoder_gives_decode_image_detections(model, data):
             boxes, probs = decoder(outputs, i, 640, 427)
             assert len(want) > 10
             assert np.array_equal(boxes, want.boxes) and np.array_equal(probs, want.probs)
+
+
+def test_rates_pruning_the_same_channels_are_measured_once(model, data, monkeypatch):
+    from darkprune.prune import parallel_variants
+    monkeypatch.delenv("DARKPRUNE_ANA_FAST", raising=False)
+    small = next(g for g in prunable_groups(model) if g.channels == 4)
+    rates = [0.4, 0.5, 0.6]
+    chans = [channels_to_prune(channel_scores(model, small), r) for r in rates]
+    assert all(np.array_equal(c, chans[0]) for c in chans) and len(chans[0])
+    submitted = []
+    real = parallel_variants.ParallelMeasure.submit
+    monkeypatch.setattr(parallel_variants.ParallelMeasure, "submit",
+                        lambda self, *a, **k: submitted.append(1) or real(self, *a, **k))
+    sens = analyze(model, data, rates=rates, exclude=exclude_all_but(model, {small.id}), progress=False)
+    assert len(submitted) == 1
+    reference = dp.evaluate(apply_masks(model, {small.id: chans[0]}), data, progress=False)["map50"]
+    assert sens.curves[small.id] == {r: pytest.approx(reference, abs=1e-12) for r in rates}

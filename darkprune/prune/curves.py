@@ -122,7 +122,8 @@ class CurveMeasurer:
     built once and kept between groups (the network, the prefix cache moved forward group by group, the metric's
     Measure with its cached inputs). `analyze` visits its groups with one; each cluster worker keeps one too.
     Not thread-safe: one group at a time. `fast` (default: $DARKPRUNE_ANA_FAST, on) measures the variants on a
-    pool of workers (parallel_variants.py); `fast=False` one after another, with the same figures."""
+    pool of workers (parallel_variants.py), once per distinct set of pruned channels; `fast=False` one after
+    another, every rate, with the same figures."""
 
     def __init__(self, model: Model, dataset, rates, criterion: str, divisible: int, batch: int,
                  prefix_cache: bool = True, cache_dir=None, grouping: Grouping | None = None,
@@ -134,7 +135,8 @@ class CurveMeasurer:
             self.network, evaluation_outputs(self.network), len(dataset), enabled=prefix_cache)
         self.rates, self.criterion, self.divisible = list(rates), criterion, divisible
         self.batch, self.prefix_cache = batch, prefix_cache
-        if fast_enabled(fast):      # the variants' batches on every core (parallel_variants.py)
+        self.fast = fast_enabled(fast)
+        if self.fast:               # the variants' batches on every core (parallel_variants.py)
             self.measure = ParallelMeasure(self.network, dataset, metric_name(model), batch, cache_dir)
             self.prefix.pool = self.measure.pool
         else:
@@ -153,15 +155,21 @@ class CurveMeasurer:
         scores = group.scores(self.model, self.criterion)
         if self.prefix_cache:
             self.prefix.advance(position, self.batch)
-        futures = {}
+        futures, seen = {}, {}
         for rate in self.rates:
             chans = channels_to_prune(scores, rate, self.divisible)
+            if self.fast and chans.tobytes() in seen:
+                # a small group prunes the same channels at neighbouring rates: the same variant, the same figure
+                futures[rate] = seen[chans.tobytes()]
+                if bar is not None:
+                    bar.update(1)
+                continue
             variant = self.network.variant(masked_group_arrays(self.model, group, chans, self.grouping))
             forward = None
             if self.prefix_cache:
                 zero = _zero_positions(self.grouping, group, chans, self.prefix.need(position), zeroed_layers)
                 forward = self.prefix.runner(variant, position, zero)
-            futures[rate] = self.measure.submit(variant, forward)
+            futures[rate] = seen[chans.tobytes()] = self.measure.submit(variant, forward)
             if bar is not None:
                 bar.update(1)
                 _show_done(bar, group.id, futures, self.measure.metric)
