@@ -105,19 +105,26 @@ def test_parallel_curves_are_the_masked_models_figures(model, data, monkeypatch)
 def test_lean_decoder_gives_decode_image_detections(model, data):
     network = Network(model)
     heads = detection_heads(model.graph)
+    raw = [model.graph[index].inputs[0] for index, _ in heads]
     net = model.graph.net
     width, height = int(net["width"]), int(net["height"])
-    rng = np.random.default_rng(5)
-    x = rng.random((2, 3, height, width), dtype=np.float32)
-    outputs = network.forward(x, outputs=[i for i, _ in heads])
+    x = np.random.default_rng(5).random((2, 3, height, width), dtype=np.float32)
+    outputs = network.forward(x, outputs=[i for i, _ in heads] + raw)
     for letterbox in (False, True):
-        decoder = LeanDecoder(heads, width, height, letterbox, MAP_THRESH, MAP_NMS)
-        for i in range(2):
-            want = decode_image([(outputs[index][i], p) for index, p in heads], width, height, 640, 427,
-                                thresh=MAP_THRESH, nms_thresh=MAP_NMS, letterbox=letterbox)
-            boxes, probs = decoder(outputs, i, 640, 427)
-            assert len(want) > 10
-            assert np.array_equal(boxes, want.boxes) and np.array_equal(probs, want.probs)
+        for graph in (None, model.graph):
+            decoder = LeanDecoder(heads, width, height, letterbox, MAP_THRESH, MAP_NMS, graph)
+            wanted = decoder.wanted(0)
+            assert wanted == (raw if graph is not None else [i for i, _ in heads])
+            for i in range(2):
+                want = decode_image([(outputs[index][i], p) for index, p in heads], width, height, 640, 427,
+                                    thresh=MAP_THRESH, nms_thresh=MAP_NMS, letterbox=letterbox)
+                given = {k: outputs[k].copy() for k in wanted}      # raw inputs are activated in place
+                boxes, probs = decoder(given, i, 640, 427)
+                assert len(want) > 10
+                assert np.array_equal(boxes, want.boxes) and np.array_equal(probs, want.probs)
+    # a rerun starting after the first head's input reads that head's output from the prefix cache
+    assert LeanDecoder(heads, width, height, False, MAP_THRESH, MAP_NMS, model.graph).wanted(raw[0] + 1) == \
+        [heads[0][0], raw[1]]
 
 
 def test_rates_pruning_the_same_channels_are_measured_once(model, data, monkeypatch):

@@ -24,6 +24,7 @@ import numpy as np
 from ..engine.decode import (NMS_KINDS, _nms_kernel, _yolo_candidates, correct_yolo_boxes, decode_image,
                              head_params)
 from ..engine.network import Network
+from ..engine.yolo import _xy_affine
 from .variants import Measure
 
 FAST_ENV = "DARKPRUNE_ANA_FAST"
@@ -58,15 +59,22 @@ def default_workers() -> int:
 class LeanDecoder:
     """decode_image at `detector map`'s threshold and NMS for one network, with what is constant per head (anchor
     widths and heights of its mask, grid size, NMS kind and beta) worked out once: the same kernels in the same
-    order as decode_image, so the detections are identical. Heads other than [yolo] go through decode_image."""
+    order as decode_image, so the detections are identical. Heads other than [yolo] go through decode_image.
 
-    def __init__(self, heads: list, width: int, height: int, letterbox: bool, thresh: float, nms_thresh: float):
+    With `graph`, a [yolo] head fed by a convolution (without new_coords) can be decoded from that convolution's
+    raw output (`wanted` asks for it): the logistic and the scale_x_y step are applied, with the same numpy
+    operations as the engine's [yolo] layer, only to the objectness of every cell and to x, y and the classes of the
+    cells whose objectness passes the threshold (some 15% of them), which are all that decoding reads."""
+
+    def __init__(self, heads: list, width: int, height: int, letterbox: bool, thresh: float, nms_thresh: float,
+                 graph=None):
         self.heads = [(index, head_params(params)) for index, params in heads]
         self.width, self.height, self.letterbox = int(width), int(height), bool(letterbox)
         self.thresh, self.nms_thresh = float(thresh), float(nms_thresh)
         self.classes = self.heads[-1][1].classes
         self.plain = all(p.kind == "yolo" and p.classes == self.classes for _, p in self.heads)
         self.constants = []
+        self.raw: dict[int, tuple[int, np.floating, np.floating]] = {}     # head -> (its input, scale, beta)
         for index, p in self.heads:
             masks = p.masks
             biases = np.asarray(p.anchors, np.float32)
@@ -74,25 +82,48 @@ class LeanDecoder:
             if p.kind == "yolo" and len(biases) >= 2 * (max(masks) + 1):
                 self.constants.append((index, len(masks), 5 + p.classes, biases[2 * anchor], biases[2 * anchor + 1],
                                        bool(p.new_coords)))
+                if graph is not None:
+                    self._raw_input(graph, index)
             else:
                 self.plain = False
         last = self.heads[-1][1]
         self.nms_kind, self.beta = NMS_KINDS[last.nms_kind], float(np.float32(last.beta_nms))
 
+    def _raw_input(self, graph, index: int) -> None:
+        layer = graph[index]
+        source = graph[layer.inputs[0]] if len(layer.inputs) == 1 and layer.inputs[0] >= 0 else None
+        if layer.section.type == "yolo" and not layer.attrs["new_coords"] and source is not None and \
+                source.section.type == "convolutional":       # a fresh array of its own, safe to activate in place
+            self.raw[index] = (source.index, *_xy_affine(layer.attrs["scale_x_y"], np.dtype(np.float32)))
+
+    def wanted(self, position: int = 0) -> list[int]:
+        """The layers to run a variant to, its rerun starting at `position`: each head's raw input where it is
+        recomputed, else the head (its output before `position` comes from the prefix cache)."""
+        if not self.plain:
+            return [index for index, _ in self.heads]
+        return [self.raw[index][0] if index in self.raw and self.raw[index][0] >= position else index
+                for index, _ in self.heads]
+
     def __call__(self, outputs: dict, i: int, image_w: int, image_h: int) -> tuple[np.ndarray, np.ndarray]:
-        """(boxes, probs) of image `i` of a batch's head outputs, as decode_image(...).nonempty() has them."""
+        """(boxes, probs) of image `i` of a batch's head outputs (or raw head inputs, see `wanted`), as
+        decode_image(...).nonempty() has them. Raw inputs are activated in place."""
         if not self.plain:
             dets = decode_image([(outputs[index][i], params) for index, params in self.heads], self.width,
                                 self.height, image_w, image_h, thresh=self.thresh, nms_thresh=self.nms_thresh,
                                 letterbox=self.letterbox)
             return dets.boxes, dets.probs
         parts = []
+        thresh = _F32(self.thresh)
         for index, num, entries, anchor_w, anchor_h, new_coords in self.constants:
-            out = np.asarray(outputs[index][i], np.float32)
+            raw = self.raw.get(index)
+            lazy = raw is not None and raw[0] in outputs and index not in outputs
+            out = np.asarray(outputs[raw[0] if lazy else index][i], np.float32)
             _, lh, lw = out.shape
             view = np.ascontiguousarray(out.reshape(num, entries, lh * lw))
+            if lazy:
+                _activate_candidates(view, thresh, raw[1], raw[2])
             boxes, obj, probs = _yolo_candidates(view, anchor_w, anchor_h, lw, lh, self.width, self.height,
-                                                 _F32(self.thresh), new_coords)
+                                                 thresh, new_coords)
             if len(obj):
                 if self.letterbox:
                     boxes = correct_yolo_boxes(boxes, image_w, image_h, self.width, self.height, True)
@@ -105,6 +136,35 @@ class LeanDecoder:
             _nms_kernel(boxes, probs, obj, self.nms_thresh, self.nms_kind, self.beta)
         keep = (probs > 0).any(axis=1)
         return boxes[keep], probs[keep]
+
+
+def _logistic(a: np.ndarray) -> None:
+    """The engine's [yolo] logistic, in place: the same numpy operations (engine/yolo.py's yolo_forward)."""
+    one = a.dtype.type(1)
+    np.negative(a, out=a)
+    np.exp(a, out=a)
+    np.add(a, one, out=a)
+    np.divide(one, a, out=a)
+
+
+def _activate_candidates(view: np.ndarray, thresh, scale, beta) -> None:
+    """A [yolo] head's raw (anchors, entries, cells), in place: objectness through the logistic everywhere; x, y
+    (logistic, then x * scale_x_y + beta) and the classes (logistic) where the objectness passes `thresh`. The
+    values decoding reads are those of the engine's [yolo] layer (numpy's exp is elementwise: the same values
+    gathered or in place)."""
+    with np.errstate(over="ignore"):                 # exp(-x) = inf for very negative x: 1/(1+inf) = 0
+        objectness = view[:, 4, :]
+        _logistic(objectness)
+        cells, anchors = np.nonzero(objectness.T > thresh)
+        if len(cells):
+            xy = view[anchors, 0:2, cells]
+            _logistic(xy)
+            np.multiply(xy, scale, out=xy)
+            np.add(xy, beta, out=xy)
+            view[anchors, 0:2, cells] = xy
+            classes = view[anchors, 5:, cells]
+            _logistic(classes)
+            view[anchors, 5:, cells] = classes
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -122,13 +182,13 @@ class ParallelMeasure(Measure):
     def __init__(self, network: Network, dataset, metric: str, batch: int, cache_dir, workers: int | None = None):
         from ..evaluate import MAP_NMS, MAP_THRESH
         super().__init__(network, dataset, metric, batch, cache_dir)
-        self.outputs = None
         self.workers = int(workers) if workers else default_workers()
         self.pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="darkprune-variant",
                                        initializer=numba.set_num_threads, initargs=(1,))
         self.decoder = None
         if self.lean:
-            self.decoder = LeanDecoder(self.heads, self.width, self.height, self.letterbox, MAP_THRESH, MAP_NMS)
+            self.decoder = LeanDecoder(self.heads, self.width, self.height, self.letterbox, MAP_THRESH, MAP_NMS,
+                                       network.graph)
             self.batches = list(self.entry.batches(max(1, min(self.batch, TASK_IMAGES))))
 
     def close(self) -> None:
@@ -140,12 +200,15 @@ class ParallelMeasure(Measure):
         if not self.lean:
             return _SEQUENTIAL(self, network, forward)
         if forward is None:
-            outputs = [index for index, _ in self.heads]
+            outputs = self.decoder.wanted(0)
 
             def run(lo, hi, x):
                 return network.forward(x, outputs=outputs)
         elif getattr(forward, "stateless", False):
-            run = forward.batch
+            outputs = self.decoder.wanted(forward.position)
+
+            def run(lo, hi, x):
+                return forward.batch(lo, hi, x, outputs)
         else:
             return _SEQUENTIAL(self, network, forward)
         tasks = [(start, self.pool.submit(self._batch, run, start, stop, inputs, sizes))

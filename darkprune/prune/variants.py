@@ -108,7 +108,6 @@ class PrefixRunner:
         self.filling = prefix.enabled and prefix.position is None and prefix.fits(position)
         self.parts: dict[int, list[np.ndarray]] = {}
         self.need = prefix.need(position)
-        self.later = [o for o in prefix.outputs if o >= position]
         self.stateless = not self.filling
 
     def __call__(self, x: np.ndarray) -> dict:
@@ -124,17 +123,22 @@ class PrefixRunner:
         prefix._fill(self.parts, base, need, hi, self.position)
         return self._suffix({i: base[i] for i in need})
 
-    def batch(self, lo: int, hi: int, x: np.ndarray) -> dict:
+    def batch(self, lo: int, hi: int, x: np.ndarray, outputs: list[int] | None = None) -> dict:
+        """The outputs (default: the prefix cache's) of images lo..hi; `outputs` before the divergence layer must
+        be among the cache's."""
         prefix = self.prefix
+        outputs = prefix.outputs if outputs is None else outputs
         if prefix.enabled and prefix.position == self.position:
-            return self._suffix({i: prefix.state[i][lo:hi] for i in self.need})
-        return self.variant.forward(x, outputs=prefix.outputs)
+            return self._suffix({i: prefix.state[i][lo:hi] for i in self.need}, outputs)
+        return self.variant.forward(x, outputs=outputs)
 
-    def _suffix(self, cached: dict) -> dict:
+    def _suffix(self, cached: dict, outputs: list[int] | None = None) -> dict:
         zero, position = self.zero, self.position
+        outputs = self.prefix.outputs if outputs is None else outputs
+        later = [o for o in outputs if o >= position]
         cached = {i: (zeroed(v, zero[i]) if i in zero else v) for i, v in cached.items()}
-        result = self.variant.forward(None, outputs=self.later, start=position, cached=cached) if self.later else {}
-        result.update({o: cached[o] for o in self.prefix.outputs if o < position})
+        result = self.variant.forward(None, outputs=later, start=position, cached=cached) if later else {}
+        result.update({o: cached[o] for o in outputs if o < position})
         return result
 
 
