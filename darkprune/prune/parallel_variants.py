@@ -1,17 +1,22 @@
-"""The sensitivity analysis' variants measured on every core: each batch of images of each masked variant is one task
-for a pool of worker threads (one per numba thread), each running the engine single-threaded, decoding its batch
-right after the network and handing the detections back; the calling thread adds them to the variant's evaluator in
-image order and computes the metric while the workers run the next batches.
+"""The sensitivity analysis' variants measured on every core: each batch of images (at most TASK_IMAGES) of each
+masked variant is one task for a pool of worker threads (one per numba thread), each running the engine
+single-threaded, decoding its batch right after the network and handing the detections back; the calling thread
+adds them to the variant's evaluator in image order and computes the metric while the workers run the next batches.
 
 Why images across threads rather than threads inside each kernel: the layers a prefix-cached variant reruns are
 mostly small (10 x 10 and 20 x 20 maps in a Yolo-Fastest), where a parallel region costs about as much as its work
 and waits for its slowest thread (a scheduler slice when another process holds a core). Independent batches on
 independent threads have no such wait. Stacking the variants of a group into one larger batch instead was measured
-slower per image on this engine (see benchmarks/bench_ana.py's doc), so a batch stays `batch` images of one variant.
+slower per image on this engine (see benchmarks/bench_ana.py's doc), so a task stays a few images of one variant.
 
-The figures are those of the sequential path (variants.Measure): the same batches of the same images through the
-same kernels, the evaluator fed in image order, the same decoding kernels. `DARKPRUNE_ANA_FAST=0` (or
-CurveMeasurer(fast=False)) selects the sequential path.
+Less work per variant, with the same figures: [yolo] heads are decoded from their input conv's raw output, the
+logistic applied only where decoding reads it (LeanDecoder), so the engine's last [yolo] layer does not run; the
+per-head constants are worked out once. (CurveMeasurer also measures a set of pruned channels that several rates
+share only once.)
+
+The figures are those of the sequential path (variants.Measure): the same images through the same kernels, the
+evaluator fed in image order, the same decoding kernels on the same values. `DARKPRUNE_ANA_FAST=0` (or
+CurveMeasurer(fast=False)) selects the sequential path; `DARKPRUNE_ANA_WORKERS=N` sets the pool's size.
 """
 from __future__ import annotations
 
