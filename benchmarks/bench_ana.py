@@ -5,8 +5,9 @@
 
 `--compare fast` (the default): the full default analysis of the bundled Yolo-Fastest 1.1 (36 groups x 9 rates) on
 all 128 bundled coco128 val images, measured by the sequential path (DARKPRUNE_ANA_FAST=0: one variant after
-another, numba's threads inside each kernel, scoring on a second thread) and by the parallel one
-(prune/parallel_variants.py: batches of the variants on single-threaded workers), in one run. On a machine shared
+another, numba's threads inside each kernel, scoring on a second thread) and by the new one
+(prune/parallel_variants.py: the variants' batches on a worker pool, scored as they come; `--workers N` sets its
+size, default 1), in one run. On a machine shared
 with other processes the load changes by the minute, so the two paths take turns group by group (even groups: old
 first, odd: new first) and each path's time is the sum of its groups plus its own baseline pass. Prints wall and CPU
 time of each, their ratios, the load average at the start and the end, and checks that both measured the same
@@ -83,7 +84,7 @@ def main() -> int:
     parser.add_argument("--rates", default=",".join(f"{r:g}" for r in DEFAULT_RATES))
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=2, help="whole runs of each (--compare prefix)")
-    parser.add_argument("--workers", type=int, default=None, help="the parallel path's workers (default: threads)")
+    parser.add_argument("--workers", type=int, default=None, help="the new path's workers (default 1)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     os.environ.setdefault("DARKPRUNE_QUIET", "1")
@@ -194,7 +195,7 @@ def compare_fast(args) -> int:
         "old_cpu_s": round(old["cpu"], 2), "new_cpu_s": round(new["cpu"], 2),
         "cpu_ratio": round(old["cpu"] / new["cpu"], 3),
         "identical_curves": old["curves"] == new["curves"] and old["baseline"] == new["baseline"],
-        "max_difference": diff, "workers": args.workers or "numba threads",
+        "max_difference": diff, "workers": args.workers or 1,
         "cpu_count": os.cpu_count(), "load_average_start": [round(v, 2) for v in load_start],
         "load_average_end": [round(v, 2) for v in os.getloadavg()],
     }
@@ -205,7 +206,7 @@ def compare_fast(args) -> int:
               f"{figures['evaluations']} evaluations of {len(data)} images (+ one baseline pass each)")
         print(f"{'':>30}{'wall s':>10}{'CPU s':>10}")
         print(f"{'old (sequential variants)':>30}{old['wall']:10.1f}{old['cpu']:10.1f}")
-        print(f"{'new (parallel variants)':>30}{new['wall']:10.1f}{new['cpu']:10.1f}")
+        print(f"{'new (parallel_variants.py)':>30}{new['wall']:10.1f}{new['cpu']:10.1f}")
         print(f"{'old / new':>30}{figures['ratio']:9.2f}x{figures['cpu_ratio']:9.2f}x")
         print(f"identical curves: {figures['identical_curves']} (largest difference {diff:.3g}); load average "
               f"{figures['load_average_start']} at the start, {figures['load_average_end']} at the end, on "

@@ -1,12 +1,14 @@
-"""The sensitivity analysis' variants measured on every core: each batch of images (at most TASK_IMAGES) of each
-masked variant is one task for a pool of worker threads (one per numba thread), each running the engine
-single-threaded, decoding its batch right after the network and handing the detections back; the calling thread
-adds them to the variant's evaluator in image order and computes the metric while the workers run the next batches.
+"""The sensitivity analysis' variants measured off the calling thread: each batch of images (at most TASK_IMAGES) of
+each masked variant is one task for a pool of worker threads, which run the network and decode the batch right
+after it, handing the detections back; the calling thread adds them to the variant's evaluator in image order and
+computes the metric while the workers run the next batches, so scoring overlaps the network.
 
-Why images across threads rather than threads inside each kernel: the layers a prefix-cached variant reruns are
-mostly small (10 x 10 and 20 x 20 maps in a Yolo-Fastest), where a parallel region costs about as much as its work
-and waits for its slowest thread (a scheduler slice when another process holds a core). Independent batches on
-independent threads have no such wait. Stacking the variants of a group into one larger batch instead was measured
+The pool's size: by default one worker holding all of numba's threads (kernels parallel inside, as before).
+`DARKPRUNE_ANA_WORKERS=N` runs N workers with numba's threads shared out (2 workers x 1 thread on two cores:
+independent batches per core, no parallel region waiting for its slowest thread). On the shared 2-core project
+machine (load average 12 to 16) one worker was the faster: 1.12x the sequential path's wall time against 1.03x for
+two (bench_ana.py --quick --limit 64, CPU time 1.16x and 1.13x): two Python threads plus the scoring one convoy on the
+GIL when the machine is oversubscribed. Stacking the variants of a group into one larger batch instead was measured
 slower per image on this engine (see benchmarks/bench_ana.py's doc), so a task stays a few images of one variant.
 
 Less work per variant, with the same figures: [yolo] heads are decoded from their input conv's raw output, the
@@ -16,7 +18,7 @@ share only once.)
 
 The figures are those of the sequential path (variants.Measure): the same images through the same kernels, the
 evaluator fed in image order, the same decoding kernels on the same values. `DARKPRUNE_ANA_FAST=0` (or
-CurveMeasurer(fast=False)) selects the sequential path; `DARKPRUNE_ANA_WORKERS=N` sets the pool's size.
+CurveMeasurer(fast=False)) selects the sequential path.
 """
 from __future__ import annotations
 
@@ -49,12 +51,11 @@ def fast_enabled(fast: bool | None = None) -> bool:
 
 
 def default_workers() -> int:
-    """$DARKPRUNE_ANA_WORKERS, else one worker per numba thread the calling thread may use (so a cluster worker
-    limited to one thread stays at one)."""
+    """$DARKPRUNE_ANA_WORKERS, else 1 (see the module doc)."""
     text = os.environ.get(WORKERS_ENV, "").strip()
     if text.isdigit() and int(text) > 0:
         return int(text)
-    return max(1, numba.get_num_threads())
+    return 1
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -188,8 +189,10 @@ class ParallelMeasure(Measure):
         from ..evaluate import MAP_NMS, MAP_THRESH
         super().__init__(network, dataset, metric, batch, cache_dir)
         self.workers = int(workers) if workers else default_workers()
+        # the numba threads shared out: one worker per thread, or one worker with all of them
+        threads = max(1, numba.get_num_threads() // self.workers)
         self.pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="darkprune-variant",
-                                       initializer=numba.set_num_threads, initargs=(1,))
+                                       initializer=numba.set_num_threads, initargs=(threads,))
         self.decoder = None
         if self.lean:
             self.decoder = LeanDecoder(self.heads, self.width, self.height, self.letterbox, MAP_THRESH, MAP_NMS,
