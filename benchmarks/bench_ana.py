@@ -1,16 +1,28 @@
-"""What the prefix cache buys `darkprune ana`: the same sensitivity analysis with and without it, in one run.
+"""Timing `darkprune ana`: the parallel variant path against the sequential one, or the prefix cache against none.
 
-    .venv/bin/python benchmarks/bench_ana.py [--cfg CFG --weights W --data F.data] [--limit 32] [--rates 0.1,...,0.9]
-        [--repeats 2] [--json]
+    .venv/bin/python benchmarks/bench_ana.py [--compare fast|prefix] [--quick] [--cfg CFG --weights W --data F.data]
+        [--limit N] [--rates 0.1,...,0.9] [--workers N] [--json]
 
-Defaults: the bundled Yolo-Fastest 1.1 on the first 32 of the bundled coco128 val2017 images, at `darkprune ana`'s
-default rates (0.1 to 0.9: nine evaluations per group), about 3 minutes on 2 cores.
-Both runs evaluate every group at every rate; with the cache only the layers from each group's divergence layer on
-are recomputed (see darkprune/prune/analysis.py). The two runs alternate `--repeats` times (with, without, with,
-...) and the fastest of each counts, so that the load of other processes on a shared machine hits both alike.
-Prints wall time and CPU time (all threads) of each, their ratios (and each repeat's), the ratio an ideal cache
-could reach on this network (the share of the forward pass before each group's divergence layer, timed layer by
-layer), and checks that both runs measured exactly the same curves. `--json` prints the figures as one JSON object.
+`--compare fast` (the default): the full default analysis of the bundled Yolo-Fastest 1.1 (36 groups x 9 rates) on
+all 128 bundled coco128 val images, measured by the sequential path (DARKPRUNE_ANA_FAST=0: one variant after
+another, numba's threads inside each kernel, scoring on a second thread) and by the new one
+(prune/parallel_variants.py: the variants' batches on a worker pool, scored as they come; `--workers N` sets its
+size, default 1), in one run. On a machine shared
+with other processes the load changes by the minute, so the two paths take turns group by group (even groups: old
+first, odd: new first) and each path's time is the sum of its groups plus its own baseline pass. Prints wall and CPU
+time of each, their ratios, the load average at the start and the end, and checks that both measured the same
+curves (the largest difference is printed). `--quick`: every fourth group only (9 of 36), for iterating.
+
+`--compare prefix` (the older comparison, defaults --limit 32 --repeats 2): the same analysis with and without the
+prefix cache, whole runs alternating `--repeats` times, the fastest of each counting. Prints wall and CPU time of
+each, their ratios (and each repeat's), the ratio an ideal cache could reach on this network (the share of the
+forward pass before each group's divergence layer, timed layer by layer), and checks that both runs measured
+exactly the same curves. `--json` prints the figures as one JSON object.
+
+Stacking the variants of a group into one larger batch through the shared suffix was tried first and measured
+slower per image on this engine (one thread, per-image CPU of the rerun from layer 1 / 24 / 96 of Yolo-Fastest:
+batch 16 0.457 / 0.287 / 0.099 s per 64 images, batch 32 0.514 / 0.335 / 0.098, batch 8 0.416 / 0.280 / 0.091):
+the larger working set costs more than the fewer calls save, so the parallel path runs small batches instead.
 """
 from __future__ import annotations
 
@@ -63,17 +75,26 @@ def ideal_speedup(model, batch: int) -> float:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--compare", choices=("fast", "prefix"), default="fast")
+    parser.add_argument("--quick", action="store_true", help="every fourth group only (--compare fast)")
     parser.add_argument("--cfg", default=str(ROOT / "cfg" / "yolo-fastest-1.1.cfg"))
     parser.add_argument("--weights", default=str(ROOT / "weights" / "yolo-fastest-1.1.weights"))
     parser.add_argument("--data", default=str(ROOT / "data" / "coco128-val" / "coco128-val.data"))
-    parser.add_argument("--limit", type=int, default=32)
+    parser.add_argument("--limit", type=int, default=None, help="images (default: all for fast, 32 for prefix)")
     parser.add_argument("--rates", default=",".join(f"{r:g}" for r in DEFAULT_RATES))
     parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=2, help="whole runs of each (--compare prefix)")
+    parser.add_argument("--workers", type=int, default=None, help="the new path's workers (default 1)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     os.environ.setdefault("DARKPRUNE_QUIET", "1")
+    if args.compare == "prefix":
+        args.limit = 32 if args.limit is None else args.limit
+        return compare_prefix(args)
+    return compare_fast(args)
 
+
+def compare_prefix(args) -> int:
     model = dp.load(args.cfg, args.weights)
     data = load_dataset(args.data, args.limit)
     rates = [float(r) for r in args.rates.split(",")]
@@ -124,6 +145,73 @@ def main() -> int:
               f"{figures['cpu_count']} CPUs")
     return 0 if figures["same_curves"] else 1
 
+
+def compare_fast(args) -> int:
+    """The sequential and the parallel variant paths, taking turns group by group (see the module doc)."""
+    from darkprune.engine.network import Network
+    from darkprune.prune.analysis import divergence_layer, evaluation_outputs, prunable_groups
+    from darkprune.prune.curves import CurveMeasurer
+    from darkprune.prune.groups import build_grouping
+    from darkprune.prune.variants import PrefixCache
+    if args.workers:
+        os.environ["DARKPRUNE_ANA_WORKERS"] = str(args.workers)
+    model = dp.load(args.cfg, args.weights)
+    data = load_dataset(args.data, args.limit)
+    rates = [float(r) for r in args.rates.split(",")]
+    grouping = build_grouping(model.graph)
+    groups = sorted(prunable_groups(model, (), grouping), key=lambda g: (divergence_layer(grouping, g)[0], g.id))
+    groups = groups[::4] if args.quick else groups
+    load_start = os.getloadavg()
+    paths = {}
+    with tempfile.TemporaryDirectory(prefix="darkprune-bench-ana-") as cache:
+        evaluate(model, data, batch=args.batch, cache_dir=cache, progress=False)   # numba's JIT, the input cache
+        first = divergence_layer(grouping, groups[0])[0]
+        for fast in (False, True):
+            network = Network(model)
+            prefix = PrefixCache(network, evaluation_outputs(network), len(data))
+            base, wall, cpu = timed(lambda: evaluate(None, data, network=network, forward=prefix.base_runner(first),
+                                                     progress=False, batch=args.batch, cache_dir=cache)["map50"])
+            measurer = CurveMeasurer(model, data, rates, "l1", 1, args.batch, True, cache, grouping, network, prefix,
+                                     fast=fast)
+            paths[fast] = {"measurer": measurer, "wall": wall, "cpu": cpu, "curves": {}, "baseline": base}
+        for k, group in enumerate(groups):
+            for fast in ((False, True) if k % 2 == 0 else (True, False)):
+                path = paths[fast]
+                path["curves"][group.id], wall, cpu = timed(lambda: path["measurer"].curve(group))
+                path["wall"] += wall
+                path["cpu"] += cpu
+            if not args.json:
+                print(f"  group {k + 1}/{len(groups)} (id {group.id}): old {paths[False]['wall']:.1f} s, new "
+                      f"{paths[True]['wall']:.1f} s so far; load {os.getloadavg()[0]:.1f}", file=sys.stderr, flush=True)
+        for path in paths.values():
+            path["measurer"].close()
+    old, new = paths[False], paths[True]
+    diff = max(abs(old["curves"][g][r] - new["curves"][g][r]) for g in old["curves"] for r in rates)
+    diff = max(diff, abs(old["baseline"] - new["baseline"]))
+    figures = {
+        "cfg": args.cfg, "images": len(data), "rates": rates, "groups": len(groups), "quick": args.quick,
+        "evaluations": len(groups) * len(rates),
+        "old_s": round(old["wall"], 2), "new_s": round(new["wall"], 2), "ratio": round(old["wall"] / new["wall"], 3),
+        "old_cpu_s": round(old["cpu"], 2), "new_cpu_s": round(new["cpu"], 2),
+        "cpu_ratio": round(old["cpu"] / new["cpu"], 3),
+        "identical_curves": old["curves"] == new["curves"] and old["baseline"] == new["baseline"],
+        "max_difference": diff, "workers": args.workers or 1,
+        "cpu_count": os.cpu_count(), "load_average_start": [round(v, 2) for v in load_start],
+        "load_average_end": [round(v, 2) for v in os.getloadavg()],
+    }
+    if args.json:
+        print(json.dumps(figures))
+    else:
+        print(f"ana on {Path(args.cfg).name}: {figures['groups']} groups x {len(rates)} rates = "
+              f"{figures['evaluations']} evaluations of {len(data)} images (+ one baseline pass each)")
+        print(f"{'':>30}{'wall s':>10}{'CPU s':>10}")
+        print(f"{'old (sequential variants)':>30}{old['wall']:10.1f}{old['cpu']:10.1f}")
+        print(f"{'new (parallel_variants.py)':>30}{new['wall']:10.1f}{new['cpu']:10.1f}")
+        print(f"{'old / new':>30}{figures['ratio']:9.2f}x{figures['cpu_ratio']:9.2f}x")
+        print(f"identical curves: {figures['identical_curves']} (largest difference {diff:.3g}); load average "
+              f"{figures['load_average_start']} at the start, {figures['load_average_end']} at the end, on "
+              f"{figures['cpu_count']} CPUs")
+    return 0 if diff <= 1e-9 else 1
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -16,7 +16,7 @@ from darkprune.cli import main
 from darkprune.darknet import Model, parse_cfg_text
 from darkprune.engine.network import Network
 from darkprune.evaluate import evaluate, load_dataset
-from darkprune.prune import variants
+from darkprune.prune import parallel_variants, variants
 from darkprune.prune.analysis import (Sensitivity, _zero_positions, analyze, divergence_layer,
                                       evaluation_outputs, masked_overrides, prunable_groups)
 from darkprune.prune.criteria import channel_scores, channels_to_prune
@@ -261,6 +261,9 @@ def test_killed_analysis_resumes_without_redoing_finished_groups(fastest, images
     real_measure, real_evaluate = variants.Measure.submit, evaluate_module.evaluate
     monkeypatch.setattr(variants.Measure, "submit",
                         lambda self, *a, **k: measured.append(1) or real_measure(self, *a, **k))
+    real_parallel = parallel_variants.ParallelMeasure.submit      # the default path (its fallback is not counted)
+    monkeypatch.setattr(parallel_variants.ParallelMeasure, "submit",
+                        lambda self, *a, **k: measured.append(1) or real_parallel(self, *a, **k))
     monkeypatch.setattr(evaluate_module, "evaluate", lambda *a, **k: evaluated.append(1) or real_evaluate(*a, **k))
     sens = analyze(fastest, images, rates=RATES, exclude=exclude, out_path=out, progress=False,
                    callback=lambda gid, curve: resumed.append(gid))

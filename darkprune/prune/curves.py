@@ -13,6 +13,7 @@ from ..engine.network import Network
 from .criteria import channels_to_prune
 from .groups import CROSS_CHANNEL_ACTIVATIONS, NONZERO_AT_ZERO, Group, Grouping, build_grouping
 from .masks import masked_group_arrays
+from .parallel_variants import ParallelMeasure, fast_enabled
 from .variants import Measure, PrefixCache
 
 def metric_name(model: Model) -> str:
@@ -120,11 +121,13 @@ class CurveMeasurer:
     """Measures one group's curve (the metric at every rate) on one set of validation images: what that needs is
     built once and kept between groups (the network, the prefix cache moved forward group by group, the metric's
     Measure with its cached inputs). `analyze` visits its groups with one; each cluster worker keeps one too.
-    Not thread-safe: one group at a time."""
+    Not thread-safe: one group at a time. `fast` (default: $DARKPRUNE_ANA_FAST, on) measures the variants on a
+    pool of workers (parallel_variants.py), once per distinct set of pruned channels; `fast=False` one after
+    another, every rate, with the same figures."""
 
     def __init__(self, model: Model, dataset, rates, criterion: str, divisible: int, batch: int,
                  prefix_cache: bool = True, cache_dir=None, grouping: Grouping | None = None,
-                 network: Network | None = None, prefix: PrefixCache | None = None):
+                 network: Network | None = None, prefix: PrefixCache | None = None, fast: bool | None = None):
         self.model = model
         self.grouping = grouping if grouping is not None else build_grouping(model.graph)
         self.network = network if network is not None else Network(model)
@@ -132,7 +135,12 @@ class CurveMeasurer:
             self.network, evaluation_outputs(self.network), len(dataset), enabled=prefix_cache)
         self.rates, self.criterion, self.divisible = list(rates), criterion, divisible
         self.batch, self.prefix_cache = batch, prefix_cache
-        self.measure = Measure(self.network, dataset, metric_name(model), batch, cache_dir)
+        self.fast = fast_enabled(fast)
+        if self.fast:               # the variants' batches on every core (parallel_variants.py)
+            self.measure = ParallelMeasure(self.network, dataset, metric_name(model), batch, cache_dir)
+            self.prefix.pool = self.measure.pool
+        else:
+            self.measure = Measure(self.network, dataset, metric_name(model), batch, cache_dir)
         self.positions: dict[int, tuple[int, set[int]]] = {}
 
     def position(self, group: Group) -> tuple[int, set[int]]:
@@ -149,16 +157,22 @@ class CurveMeasurer:
         scores = group.scores(self.model, self.criterion)
         if self.prefix_cache:
             self.prefix.advance(position, self.batch)
-        futures = {}
+        futures, seen = {}, {}
         for rate in self.rates:
             chans = channels_to_prune(scores, rate, self.divisible)
+            if self.fast and chans.tobytes() in seen:
+                # a small group prunes the same channels at neighbouring rates: the same variant, the same figure
+                futures[rate] = seen[chans.tobytes()]
+                if bar is not None:
+                    bar.update(1)
+                continue
             overrides = masked_group_arrays(self.model, group, chans, self.grouping)
             variant = self.network.variant(overrides if refit is None else refit(group, chans, overrides))
             forward = None
             if self.prefix_cache:
                 zero = _zero_positions(self.grouping, group, chans, self.prefix.need(position), zeroed_layers)
                 forward = self.prefix.runner(variant, position, zero)
-            futures[rate] = self.measure.submit(variant, forward)
+            futures[rate] = seen[chans.tobytes()] = self.measure.submit(variant, forward)
             if bar is not None:
                 bar.update(1)
                 _show_done(bar, group.id, futures, self.measure.metric)
@@ -168,6 +182,7 @@ class CurveMeasurer:
         return curve
 
     def close(self) -> None:
+        self.prefix.pool = None
         self.measure.close()
 
 

@@ -27,6 +27,7 @@ class PrefixCache:
         self.enabled = enabled
         self.position: int | None = None          # the divergence layer the state serves
         self.state: dict[int, np.ndarray] = {}
+        self.pool = None                          # an executor to advance on (parallel_variants.ParallelMeasure's)
 
     def need(self, position: int) -> list[int]:
         """What serving a run from `position` needs: the frontier, plus evaluated outputs made earlier."""
@@ -52,44 +53,23 @@ class PrefixCache:
         fresh = [i for i in need if i not in self.state]
         computed: dict[int, list[np.ndarray]] = {i: [] for i in fresh}
         if fresh:
-            for start in range(0, self.images, batch):
+            def one(start: int) -> dict:
                 cached = {k: v[start:start + batch] for k, v in self.state.items()}
-                out = self.network.forward(None, outputs=fresh, start=self.position, cached=cached)
+                return self.network.forward(None, outputs=fresh, start=self.position, cached=cached)
+            starts = range(0, self.images, batch)
+            # the batches are independent: on the pool's workers when there is one (in order either way)
+            for out in (self.pool.map(one, starts) if self.pool is not None else map(one, starts)):
                 for i in fresh:
                     computed[i].append(out[i])
         self.state = {i: (np.concatenate(computed[i]) if i in computed else self.state[i]) for i in need}
         self.position = target
 
-    def runner(self, variant: Network, position: int, zero: dict[int, np.ndarray]):
+    def runner(self, variant: Network, position: int, zero: dict[int, np.ndarray]) -> "PrefixRunner":
         """A forward(x) for evaluate(): batches arrive in dataset order. Served from the frontier at `position`
         (the pruned channels `zero[layer]` of the frontier layers set to 0), or, while the frontier is empty, run
-        from the input (the original network up to the frontier, kept for the next runs, then the variant)."""
-        served = {"next": 0}
-        filling = self.enabled and self.position is None and self.fits(position)
-        parts: dict[int, list[np.ndarray]] = {}
-        need = self.need(position)
-        outputs = self.outputs
-        later = [o for o in outputs if o >= position]
-
-        def forward(x: np.ndarray) -> dict:
-            lo = served["next"]
-            hi = lo + len(x)
-            served["next"] = hi
-            if filling:
-                layers = [i for i in need if i >= 0]
-                base = self.network.forward(x, outputs=layers) if layers else {}
-                base[-1] = x
-                self._fill(parts, base, need, hi, position)
-                cached = {i: base[i] for i in need}
-            elif self.enabled and self.position == position:
-                cached = {i: self.state[i][lo:hi] for i in need}
-            else:
-                return variant.forward(x, outputs=outputs)
-            cached = {i: (zeroed(v, zero[i]) if i in zero else v) for i, v in cached.items()}
-            result = variant.forward(None, outputs=later, start=position, cached=cached) if later else {}
-            result.update({o: cached[o] for o in outputs if o < position})
-            return result
-        return forward
+        from the input (the original network up to the frontier, kept for the next runs, then the variant).
+        When served from the frontier it is `stateless`: `.batch(lo, hi, x)` runs images lo..hi in any order."""
+        return PrefixRunner(self, variant, position, zero)
 
     def _fill(self, parts: dict, outputs: dict, need: list[int], served: int, position: int) -> None:
         """Keep one batch's frontier outputs; once all images are served, they are the frontier at `position`."""
@@ -116,6 +96,50 @@ class PrefixCache:
             self._fill(parts, out, need, hi, position)
             return out
         return forward
+
+
+class PrefixRunner:
+    """PrefixCache.runner's forward: call it with the batches in dataset order, or, when `stateless` (served from
+    the frontier, or the cache is off), `batch(lo, hi, x)` for images lo..hi in any order, from any thread."""
+
+    def __init__(self, prefix: PrefixCache, variant: Network, position: int, zero: dict[int, np.ndarray]):
+        self.prefix, self.variant, self.position, self.zero = prefix, variant, position, zero
+        self.next = 0
+        self.filling = prefix.enabled and prefix.position is None and prefix.fits(position)
+        self.parts: dict[int, list[np.ndarray]] = {}
+        self.need = prefix.need(position)
+        self.stateless = not self.filling
+
+    def __call__(self, x: np.ndarray) -> dict:
+        lo = self.next
+        hi = lo + len(x)
+        self.next = hi
+        if not self.filling:
+            return self.batch(lo, hi, x)
+        prefix, need = self.prefix, self.need
+        layers = [i for i in need if i >= 0]
+        base = prefix.network.forward(x, outputs=layers) if layers else {}
+        base[-1] = x
+        prefix._fill(self.parts, base, need, hi, self.position)
+        return self._suffix({i: base[i] for i in need})
+
+    def batch(self, lo: int, hi: int, x: np.ndarray, outputs: list[int] | None = None) -> dict:
+        """The outputs (default: the prefix cache's) of images lo..hi; `outputs` before the divergence layer must
+        be among the cache's."""
+        prefix = self.prefix
+        outputs = prefix.outputs if outputs is None else outputs
+        if prefix.enabled and prefix.position == self.position:
+            return self._suffix({i: prefix.state[i][lo:hi] for i in self.need}, outputs)
+        return self.variant.forward(x, outputs=outputs)
+
+    def _suffix(self, cached: dict, outputs: list[int] | None = None) -> dict:
+        zero, position = self.zero, self.position
+        outputs = self.prefix.outputs if outputs is None else outputs
+        later = [o for o in outputs if o >= position]
+        cached = {i: (zeroed(v, zero[i]) if i in zero else v) for i, v in cached.items()}
+        result = self.variant.forward(None, outputs=later, start=position, cached=cached) if later else {}
+        result.update({o: cached[o] for o in outputs if o < position})
+        return result
 
 
 class Measure:
