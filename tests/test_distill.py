@@ -400,3 +400,35 @@ def test_cli_finetune_with_the_original_as_teacher(tmp_path, capsys):
                  "-q"])
     assert code != 0
     assert "teacher_weights" in capsys.readouterr().err
+
+
+def test_classifier_finetunes_towards_its_teacher_on_unlabeled_images(tmp_path):
+    rng = np.random.default_rng(9)
+    folder = tmp_path / "c"
+    folder.mkdir()
+    names = []
+    for k in range(6):
+        path = folder / f"img{k}.png"
+        cv2.imwrite(str(path), rng.integers(0, 255, (8, 8, 3)).astype(np.uint8))
+        names.append(path.name)
+    (folder / "train.txt").write_text("\n".join(names) + "\n")
+    (folder / "labels.txt").write_text("zebra\nyak\nwolf\nvole\nurial\n")
+    data = folder / "c.data"
+    data.write_text("classes=5\ntrain=train.txt\nvalid=train.txt\nlabels=labels.txt\n")
+    with pytest.warns(Warning):
+        with pytest.raises(DarkpruneError, match="no training image has a label name in its path"):
+            finetune(classifier(), data, iters=1, progress=False)
+    teacher, student = classifier(3), classifier(4)
+    images = np.random.default_rng(1).random((4, 3, 8, 8)).astype(np.float32)
+    t = Teacher(teacher, student.graph)
+
+    def gap() -> float:
+        net = TrainingNetwork(student)
+        net.forward(images, train=False, outputs=[])
+        return t.loss(net.output, images)[0]
+    before = gap()
+    with pytest.warns(Warning):
+        result = finetune(student, data, iters=4, learning_rate=0.05, teacher=teacher, distill_temperature=2.0,
+                          progress=False)
+    assert result.distill["distill_temperature"] == 2.0
+    assert gap() < before
