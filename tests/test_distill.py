@@ -217,11 +217,11 @@ def test_region_term_matches_closed_form_finite_differences_and_is_zero_at_equal
     from darkprune.train.distill import region_distillation
     layer = [x for x in region_model().graph if x.type == "region"][0]
     rng = np.random.default_rng(10)
-    shape = (2, 20, 8, 8)
+    shape = (2, 20, 3, 4)
     raw = rng.normal(0, 1.5, shape)
     teacher = region_forward(rng.normal(0, 1.5, shape), 2, 5, 4, True)
     loss, grad, parts = region_distillation(raw, teacher, layer)
-    r, t = raw.reshape(2, 2, 10, 8, 8), teacher.reshape(2, 2, 10, 8, 8)
+    r, t = raw.reshape(2, 2, 10, 3, 4), teacher.reshape(2, 2, 10, 3, 4)
     p_s = np.exp(r[:, :, 5:]) / np.exp(r[:, :, 5:]).sum(2, keepdims=True)
     o = t[:, :, 4]
     ref = binary_kl(o, sigmoid(r[:, :, 4])).sum() + (o * (t[:, :, 5:] * np.log(t[:, :, 5:] / p_s)).sum(2)).sum()
