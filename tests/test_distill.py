@@ -96,6 +96,21 @@ groups=1
 """
 
 
+REGION_CFG = YOLO_CFG.split("[yolo]")[0].replace("filters={filters}", "filters=20") + """[region]
+anchors=0.5,0.7, 1.2,1.0
+classes=5
+coords=4
+num=2
+softmax=1
+"""
+
+
+def region_model(seed=0) -> Model:
+    model = Model.from_cfg(parse_cfg_text(REGION_CFG.strip() + "\n", "region.cfg"), seed=seed)
+    model.cfg_path = None
+    return model
+
+
 def yolo_model(seed=0, scale=1.05, new_coords=0) -> Model:
     text = YOLO_CFG.format(filters=2 * 8, scale=scale, new_coords=new_coords)
     model = Model.from_cfg(parse_cfg_text(text.strip() + "\n", "tiny.cfg"), seed=seed)
@@ -197,6 +212,37 @@ def test_yolo_term_is_exactly_zero_when_the_student_is_the_teacher(new_coords):
     assert loss == 0.0 and not grad.any() and grad.dtype == np.float32
 
 
+def test_region_term_matches_closed_form_finite_differences_and_is_zero_at_equality():
+    from darkprune.engine.yolo import region_forward
+    from darkprune.train.distill import region_distillation
+    layer = [x for x in region_model().graph if x.type == "region"][0]
+    rng = np.random.default_rng(10)
+    shape = (2, 20, 3, 4)
+    raw = rng.normal(0, 1.5, shape)
+    teacher = region_forward(rng.normal(0, 1.5, shape), 2, 5, 4, True)
+    loss, grad, parts = region_distillation(raw, teacher, layer)
+    r, t = raw.reshape(2, 2, 10, 3, 4), teacher.reshape(2, 2, 10, 3, 4)
+    p_s = np.exp(r[:, :, 5:]) / np.exp(r[:, :, 5:]).sum(2, keepdims=True)
+    o = t[:, :, 4]
+    ref = binary_kl(o, sigmoid(r[:, :, 4])).sum() + (o * (t[:, :, 5:] * np.log(t[:, :, 5:] / p_s)).sum(2)).sum()
+    ref += (o * 0.5 * (((sigmoid(r[:, :, :2]) - t[:, :, :2]) ** 2).sum(2) + ((r[:, :, 2:4] - t[:, :, 2:4]) ** 2)
+                       .sum(2))).sum()
+    assert loss == pytest.approx(ref, rel=1e-10) and min(parts.values()) > 0
+    eps = 1e-4
+
+    def at(idx, step):
+        moved = raw.copy()
+        moved[idx] += step
+        return region_distillation(moved, teacher, layer)[0]
+    fd = np.empty_like(raw)
+    for idx in np.ndindex(raw.shape):
+        fd[idx] = (-at(idx, 2 * eps) + 8 * at(idx, eps) - 8 * at(idx, -eps) + at(idx, -2 * eps)) / (12 * eps)
+    np.testing.assert_allclose(grad, fd, rtol=1e-5, atol=5e-9)
+    same = raw.astype(np.float32)
+    zero, g0, _ = region_distillation(same, region_forward(same, 2, 5, 4, True), layer)
+    assert zero == 0.0 and not g0.any()
+
+
 def test_softmax_term_matches_closed_form_finite_differences_and_is_zero_at_equality():
     rng = np.random.default_rng(3)
     logits, teacher = rng.normal(0, 2, (4, 6)), rng.normal(0, 2, (4, 6))
@@ -254,6 +300,11 @@ def test_yolo_distillation_gradient_at_a_conv_weight_matches_finite_differences(
     images = np.random.default_rng(5).random((2, 3, 32, 32))
     conv_weight_check(yolo_model(0), yolo_model(7), images, 0)
     conv_weight_check(yolo_model(0), yolo_model(7), images, 2)
+
+
+def test_region_distillation_gradient_at_a_conv_weight_matches_finite_differences():
+    images = np.random.default_rng(11).random((2, 3, 32, 32))
+    conv_weight_check(region_model(0), region_model(8), images, 1)
 
 
 def test_softmax_distillation_gradient_at_a_conv_weight_matches_finite_differences():
@@ -400,3 +451,35 @@ def test_cli_finetune_with_the_original_as_teacher(tmp_path, capsys):
                  "-q"])
     assert code != 0
     assert "teacher_weights" in capsys.readouterr().err
+
+
+def test_classifier_finetunes_towards_its_teacher_on_unlabeled_images(tmp_path):
+    rng = np.random.default_rng(9)
+    folder = tmp_path / "c"
+    folder.mkdir()
+    names = []
+    for k in range(6):
+        path = folder / f"img{k}.png"
+        cv2.imwrite(str(path), rng.integers(0, 255, (8, 8, 3)).astype(np.uint8))
+        names.append(path.name)
+    (folder / "train.txt").write_text("\n".join(names) + "\n")
+    (folder / "labels.txt").write_text("zebra\nyak\nwolf\nvole\nurial\n")
+    data = folder / "c.data"
+    data.write_text("classes=5\ntrain=train.txt\nvalid=train.txt\nlabels=labels.txt\n")
+    with pytest.warns(Warning):
+        with pytest.raises(DarkpruneError, match="no training image has a label name in its path"):
+            finetune(classifier(), data, iters=1, progress=False)
+    teacher, student = classifier(3), classifier(4)
+    images = np.random.default_rng(1).random((4, 3, 8, 8)).astype(np.float32)
+    t = Teacher(teacher, student.graph)
+
+    def gap() -> float:
+        net = TrainingNetwork(student)
+        net.forward(images, train=False, outputs=[])
+        return t.loss(net.output, images)[0]
+    before = gap()
+    with pytest.warns(Warning):
+        result = finetune(student, data, iters=4, learning_rate=0.05, teacher=teacher, distill_temperature=2.0,
+                          progress=False)
+    assert result.distill["distill_temperature"] == 2.0
+    assert gap() < before

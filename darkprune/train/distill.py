@@ -29,7 +29,8 @@ Classifiers (the last [softmax] layer's input, the logits z; `groups` honoured):
     T^2 * KL(softmax(z_t / T) || softmax(z / T)),  gradient T * (softmax(z / T) - softmax(z_t / T))
 (Hinton et al.'s scaling, so the gradient's size does not shrink with T). 0 when the logits are equal.
 
-[region] heads are not distilled (DarkpruneError).
+[region] heads (YOLOv2, coords=4, softmax=1): the same terms on the region layer's activations (logistic x, y and
+objectness, raw w, h, softmax classes), the classes' KL being the softmax's (region_distillation).
 """
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ from numba import njit
 
 from ..darknet.model import Model
 from ..engine.network import Network
-from ..engine.yolo import yolo_forward
+from ..engine.yolo import region_forward, yolo_forward
 from ..errors import DarkpruneError
 from .loop import Hooks
 
@@ -147,6 +148,54 @@ def yolo_distillation(raw: np.ndarray, teacher_out: np.ndarray, layer, box_weigh
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# [region]
+
+def region_distillation(raw: np.ndarray, teacher_out: np.ndarray, layer,
+                        box_weight: float = 1.0) -> tuple[float, np.ndarray, dict]:
+    """The [region] (YOLOv2) term of one head, as yolo_distillation's: objectness binary KL, the classes' softmax
+    KL(t || s) weighted by the teacher's objectness, the box (logistic x, y in grid cells, raw w, h = log sizes)
+    weighted the same. raw: the head's input; teacher_out: the teacher's [region] output (its activations)."""
+    a = layer.attrs
+    num, classes, coords = int(a["num"]), int(a["classes"]), int(a["coords"])
+    if coords != 4 or not a["softmax"]:
+        raise DarkpruneError(f"{layer.where()}: distillation of a [region] head needs coords=4 and softmax=1")
+    raw = np.ascontiguousarray(raw)
+    if raw.dtype not in (np.float32, np.float64):
+        raw = raw.astype(np.float32)
+    if np.shape(teacher_out) != raw.shape:
+        raise DarkpruneError(f"{layer.where()}: the teacher's head output {np.shape(teacher_out)} does not match "
+                             f"the student's {raw.shape}")
+    n, _, h, w = raw.shape
+    s = region_forward(raw, num, classes, coords, True).astype(np.float64).reshape(n, num, 5 + classes, h, w)
+    t = np.asarray(teacher_out, np.float64).reshape(s.shape)
+    z = raw.astype(np.float64).reshape(s.shape)
+    grad = np.zeros(s.shape)
+    so, to = s[:, :, 4], t[:, :, 4]
+    obj = _binary_kl(to, so)
+    grad[:, :, 4] = so - to
+    with np.errstate(divide="ignore", invalid="ignore"):
+        log_t = np.where(t[:, :, 5:] > 0, np.log(np.where(t[:, :, 5:] > 0, t[:, :, 5:], 1.0)), 0.0)
+    log_s = np.log(np.maximum(s[:, :, 5:], LOG_FLOOR))
+    cls = to * (t[:, :, 5:] * (log_t - log_s)).sum(2)
+    grad[:, :, 5:] = to[:, :, None] * (s[:, :, 5:] - t[:, :, 5:])
+    wo = box_weight * to
+    d_xy, d_wh = s[:, :, :2] - t[:, :, :2], z[:, :, 2:4] - t[:, :, 2:4]
+    box = wo * 0.5 * ((d_xy ** 2).sum(2) + (d_wh ** 2).sum(2))
+    grad[:, :, :2] = wo[:, :, None] * d_xy * s[:, :, :2] * (1 - s[:, :, :2])
+    grad[:, :, 2:4] = wo[:, :, None] * d_wh
+    parts = {"objectness": float(obj.sum()), "classes": float(cls.sum()), "box": float(box.sum())}
+    return float(sum(parts.values())), grad.reshape(raw.shape).astype(raw.dtype), parts
+
+
+def _binary_kl(p: np.ndarray, q: np.ndarray) -> np.ndarray:
+    with np.errstate(divide="ignore", invalid="ignore"):
+        a = np.where(p > 0, p * (np.log(np.where(p > 0, p, 1.0)) - np.log(np.maximum(q, LOG_FLOOR))), 0.0)
+        b = np.where(p < 1, (1 - p) * (np.log(np.where(p < 1, 1 - p, 1.0)) - np.log(np.maximum(1 - q, LOG_FLOOR))),
+                     0.0)
+    return a + b
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # classifiers
 
 def _log_softmax(rows: np.ndarray) -> np.ndarray:
@@ -202,13 +251,11 @@ class Teacher:
         if tuple(tg.input_shape) != tuple(student_graph.input_shape):
             raise DarkpruneError(f"{teacher.cfg_path}: the teacher's input {tg.input_shape} differs from the "
                                  f"student's {student_graph.input_shape}")
-        if _heads(student_graph, "region"):
-            raise DarkpruneError(f"{_heads(student_graph, 'region')[0].where()}: distillation of [region] heads is "
-                                 f"not supported ([yolo] heads and classifiers are)")
-        yolos, tyolos = _heads(student_graph, "yolo"), _heads(tg, "yolo")
+        kind = "region" if _heads(student_graph, "region") else "yolo"
+        yolos, tyolos = _heads(student_graph, kind), _heads(tg, kind)
         self.detector = bool(yolos)
         if self.detector:
-            self.pairs = self._match_heads(yolos, tyolos)
+            self.pairs = self._match_heads(yolos, tyolos, kind)
             self.temperature = YOLO_TEMPERATURE
             if temperature not in (None, 1, 1.0):
                 raise DarkpruneError(f"distill temperature {temperature}: [yolo] heads are distilled without one "
@@ -229,16 +276,17 @@ class Teacher:
         self.net = Network(teacher)
         self.digest = model_digest(teacher)
 
-    def _match_heads(self, yolos, tyolos) -> list:
+    def _match_heads(self, yolos, tyolos, kind: str) -> list:
         if len(yolos) != len(tyolos):
-            raise DarkpruneError(f"{self.model.cfg_path}: the teacher has {len(tyolos)} [yolo] heads, the student "
+            raise DarkpruneError(f"{self.model.cfg_path}: the teacher has {len(tyolos)} [{kind}] heads, the student "
                                  f"{len(yolos)}")
+        keys = ("classes", "mask", "anchors", "scale_x_y", "new_coords") if kind == "yolo" else \
+            ("classes", "num", "coords", "anchors", "softmax")
         for s, t in zip(yolos, tyolos):
-            keys = ("classes", "mask", "anchors", "scale_x_y", "new_coords")
             if s.out_shape != t.out_shape or any(list(s.attrs[k]) != list(t.attrs[k]) if k in ("mask", "anchors")
                                                  else s.attrs[k] != t.attrs[k] for k in keys):
-                raise DarkpruneError(f"{t.where()}: the teacher's [yolo] head differs from the student's "
-                                     f"{s.where()} (grid, classes, mask, anchors, scale_x_y or new_coords)")
+                raise DarkpruneError(f"{t.where()}: the teacher's [{kind}] head differs from the student's "
+                                     f"{s.where()} ({', '.join(('grid',) + keys)})")
         return [(s, t.index) for s, t in zip(yolos, tyolos)]
 
     def outputs(self, images: np.ndarray) -> list[np.ndarray]:
@@ -256,7 +304,8 @@ class Teacher:
         for (layer, _), out in zip(self.pairs, self.outputs(images)):
             src = layer.inputs[0]
             if self.detector:
-                loss, grad, terms = yolo_distillation(student_outputs(src), out, layer, box_weight)
+                term = yolo_distillation if layer.type == "yolo" else region_distillation
+                loss, grad, terms = term(student_outputs(src), out, layer, box_weight)
                 for k, v in terms.items():
                     parts[k] = parts.get(k, 0.0) + v
             else:
