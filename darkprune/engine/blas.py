@@ -308,15 +308,16 @@ def matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None, *, trans
 # A parallel region costs a few microseconds when the machine is quiet, and up to a scheduler time slice (ms) when
 # another process holds the core a worker needs (the region waits for its slowest thread). Small work runs on the
 # calling thread only; a second thread is engaged from about this many microseconds of estimated single-thread work.
-SMALL_WORK_US = 60.0
+SMALL_WORK_US = 100.0
 
 
 def threads_for(flops: float, bytes_moved: float = 0.0) -> int:
-    """Threads worth engaging for a kernel of this size (estimated at ~60 GFLOP/s and ~10 GB/s per thread)."""
+    """Threads worth engaging for a kernel of this size (estimated at ~100 GFLOP/s and ~40 GB/s per thread, what
+    one thread of this machine does on layer-sized, cache-resident work)."""
     available = numba.get_num_threads()
     if available <= 1:
         return 1
-    estimate_us = flops / 60e3 + bytes_moved / 10e3
+    estimate_us = flops / 100e3 + bytes_moved / 40e3
     return int(max(1, min(available, estimate_us // SMALL_WORK_US)))
 
 
