@@ -135,15 +135,11 @@ def calibration(model, args):
     return calibration_inputs(model, args.data, args.calib_images)
 
 
-def cut(model, masks, calib, reconstruct: bool):
+def compensated_cut(model, masks):
+    """The masked model with the pruned channels' constants folded into their readers."""
     from darkprune.prune.compensate import compensate
     from darkprune.prune.masks import apply_masks
-    masked = compensate(model, apply_masks(model, masks), masks)
-    if reconstruct:
-        from darkprune.prune.reconstruct import reconstruct as refit
-        masked = refit(model, masked, calib, masks, progress=True)
-    masked.masks = masks
-    return masked
+    return compensate(model, apply_masks(model, masks), masks)
 
 
 def curve_row(model, sens, target, args, stages, folder, held_out, calib):
@@ -156,23 +152,29 @@ def curve_row(model, sens, target, args, stages, folder, held_out, calib):
     stats = live_stats(model, masks)
     row.update({"target": target, "bflops": stats["total_bflops"], "params": stats["total_params"],
                 "removed": 1 - stats["total_bflops"] / stats["total_bflops_before"]})
-    if "masked" not in row:
-        row["masked"] = stages.put(key, {**row, "masked": measure(apply_masks(model, masks), held_out,
-                                                                   args.limit)})["masked"]
-    if "compensated" not in row:
-        row["compensated"] = measure(cut(model, masks, calib, False), held_out, args.limit)
-        stages.put(key, row)
-    if "reconstructed" not in row:
-        start = time.perf_counter()
-        refit = cut(model, masks, calib, True)
-        row["reconstruct_seconds"] = time.perf_counter() - start
-        row["reconstructed"] = measure(refit, held_out, args.limit)
-        stages.put(key, row)
-    if "distilled" not in row:
-        refit = cut(model, masks, calib, True)
-        tuned = finetuned(refit, args, masks, model, folder / f"curve-{target:g}", args.curve_iters)
-        row["distilled"] = measure(tuned, held_out, args.limit)
-        stages.put(key, row)
+    made = {}                   # each model of the row built once (and only for the columns still to measure)
+
+    def compensated():
+        if "compensated" not in made:
+            made["compensated"] = compensated_cut(model, masks)
+        return made["compensated"]
+
+    def reconstructed():
+        if "reconstructed" not in made:
+            from darkprune.prune.reconstruct import reconstruct
+            start = time.perf_counter()
+            made["reconstructed"] = reconstruct(model, compensated(), calib, masks, progress=True)
+            row.setdefault("reconstruct_seconds", time.perf_counter() - start)
+        return made["reconstructed"]
+
+    columns = {"masked": lambda: apply_masks(model, masks), "compensated": compensated,
+               "reconstructed": reconstructed,
+               "distilled": lambda: finetuned(reconstructed(), args, masks, model, folder / f"curve-{target:g}",
+                                              args.curve_iters)}
+    for column, make in columns.items():
+        if column not in row:
+            row[column] = measure(make(), held_out, args.limit)
+            stages.put(key, row)
     print(f"curve {target:.0%}: masked {row['masked']:.4f}, compensated {row['compensated']:.4f}, "
           f"reconstructed {row['reconstructed']:.4f}, distilled finetune {row['distilled']:.4f}", file=sys.stderr)
     return row
@@ -186,7 +188,7 @@ def recovered(model, sens, args, stages, folder, held_out, calib):
     options = {"teacher": model, "distill_weight": args.distill_weight, "learning_rate": args.lr,
                "batch": args.batch, "subdivisions": 1}
     run = prune_gradually(model, sens, args.steps, args.data, args.step_iters, rate=args.final,
-                          calibration=calib, eval_data=load_held_out(args), finetune_options=options,
+                          calibration=calib, eval_data=held_out, finetune_options=options,
                           workspace=folder / name / "gradual", resume=True, progress=True, log=print_err)
     steps = [s.to_json() for s in run.steps]
     last = stages.get(name) or {}

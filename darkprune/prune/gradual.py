@@ -162,9 +162,9 @@ def _cut(previous: Model, masks: Masks, calibration, compensate: bool, progress:
 def _measure(model: Model, data, progress: bool):
     if data is None:
         return None
+    from ..darknet.heads import metric_name
     from ..evaluate import evaluate
-    result = evaluate(model, data, progress=progress)
-    return float(result["map50"] if "map50" in result else result["top1"])
+    return float(evaluate(model, data, progress=progress)[metric_name(model.graph)])
 
 
 def prune_gradually(model: Model, sensitivity, steps: int, data, iters_per_step: int, rate: float | None = None,
