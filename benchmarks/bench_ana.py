@@ -1,6 +1,6 @@
 """Timing `darkprune ana`: the parallel variant path against the sequential one, or the prefix cache against none.
 
-    .venv/bin/python benchmarks/bench_ana.py [--compare fast|prefix] [--quick] [--cfg CFG --weights W --data F.data]
+    .venv/bin/python benchmarks/bench_ana.py [--compare fast|prefix|before] [--before REV] [--quick] [--cfg CFG --weights W --data F.data]
         [--limit N] [--rates 0.1,...,0.9] [--workers N] [--json]
 
 `--compare fast` (the default): the full default analysis of the bundled Yolo-Fastest 1.1 (36 groups x 9 rates) on
@@ -19,6 +19,12 @@ each, their ratios (and each repeat's), the ratio an ideal cache could reach on 
 forward pass before each group's divergence layer, timed layer by layer), and checks that both runs measured
 exactly the same curves. `--json` prints the figures as one JSON object.
 
+`--compare before [--before REV]`: the whole `darkprune ana` command (the default 9 rates, all 128 images, a fresh
+workspace) as a user runs it, by this tree and by the tree at REV (default 68dc748, main before the engine and
+analysis work of issue 15), each in its own process with its own threading defaults, after a small warm-up run of
+each (numba compiles into each tree's cache). `--repeats` runs of each alternate (old, new, new, old, ...); prints
+each run's wall time, the medians and their ratio, and the largest difference between the two trees' curves.
+
 Stacking the variants of a group into one larger batch through the shared suffix was tried first and measured
 slower per image on this engine (one thread, per-image CPU of the rerun from layer 1 / 24 / 96 of Yolo-Fastest:
 batch 16 0.457 / 0.287 / 0.099 s per 64 images, batch 32 0.514 / 0.335 / 0.098, batch 8 0.416 / 0.280 / 0.091):
@@ -29,6 +35,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -75,7 +83,8 @@ def ideal_speedup(model, batch: int) -> float:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--compare", choices=("fast", "prefix"), default="fast")
+    parser.add_argument("--compare", choices=("fast", "prefix", "before"), default="fast")
+    parser.add_argument("--before", default="68dc748", help="the old tree's git revision (--compare before)")
     parser.add_argument("--quick", action="store_true", help="every fourth group only (--compare fast)")
     parser.add_argument("--cfg", default=str(ROOT / "cfg" / "yolo-fastest-1.1.cfg"))
     parser.add_argument("--weights", default=str(ROOT / "weights" / "yolo-fastest-1.1.weights"))
@@ -83,14 +92,19 @@ def main() -> int:
     parser.add_argument("--limit", type=int, default=None, help="images (default: all for fast, 32 for prefix)")
     parser.add_argument("--rates", default=",".join(f"{r:g}" for r in DEFAULT_RATES))
     parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=2, help="whole runs of each (--compare prefix)")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="whole runs of each (--compare prefix: default 2; before: default 1)")
     parser.add_argument("--workers", type=int, default=None, help="the new path's workers (default 1)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     os.environ.setdefault("DARKPRUNE_QUIET", "1")
     if args.compare == "prefix":
         args.limit = 32 if args.limit is None else args.limit
+        args.repeats = 2 if args.repeats is None else args.repeats
         return compare_prefix(args)
+    if args.compare == "before":
+        args.repeats = 1 if args.repeats is None else args.repeats
+        return compare_before(args)
     return compare_fast(args)
 
 
@@ -212,6 +226,82 @@ def compare_fast(args) -> int:
               f"{figures['load_average_start']} at the start, {figures['load_average_end']} at the end, on "
               f"{figures['cpu_count']} CPUs")
     return 0 if diff <= 1e-9 else 1
+
+
+def _ana_command(tree: Path, args, workspace: Path, limit, rates) -> tuple[float, dict]:
+    """One `python -m darkprune ana` run by the darkprune in `tree`: (wall seconds, its sensitivity curves)."""
+    command = [sys.executable, "-m", "darkprune", "ana", args.cfg, args.weights, "--data", args.data,
+               "-w", str(workspace), "-q", "--batch", str(args.batch), "--rates", rates]
+    if limit:
+        command += ["--limit", str(limit)]
+    env = dict(os.environ, PYTHONPATH=str(tree))
+    t0 = time.perf_counter()
+    proc = subprocess.run(command, env=env, cwd=str(tree), capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise SystemExit(f"ana by {tree} failed: {proc.stderr.strip()[-600:]}")
+    try:
+        groups = json.loads((workspace / "sensitivity.json").read_text())["groups"]
+        curves = {g["id"]: g["metric"] for g in groups}
+    except (OSError, ValueError, KeyError, TypeError):
+        curves = {}
+    return wall, curves
+
+
+def _curve_difference(a: dict, b: dict) -> float | None:
+    """Largest |difference| between two runs' curves (None when their layouts differ)."""
+    try:
+        diffs = [abs(float(x) - float(y)) for g in a for x, y in zip(_values(a[g]), _values(b[g]), strict=True)]
+        return max(diffs) if diffs and set(a) == set(b) else None
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def _values(curve):
+    return list(curve.values()) if isinstance(curve, dict) else list(curve)
+
+
+def compare_before(args) -> int:
+    """This tree's `ana` against the tree at args.before, whole commands alternating (see the module doc)."""
+    with tempfile.TemporaryDirectory(prefix="darkprune-bench-before-") as tmp:
+        old_tree = Path(tmp) / "old"
+        old_tree.mkdir()
+        archive = subprocess.run(["git", "-C", str(ROOT), "archive", args.before], capture_output=True)
+        if archive.returncode != 0:
+            raise SystemExit(f"git archive {args.before}: {archive.stderr.decode().strip()}")
+        subprocess.run(["tar", "-x", "-C", str(old_tree)], input=archive.stdout, check=True)
+        trees = {"old": old_tree, "new": ROOT}
+        for name, tree in trees.items():   # numba compiles each tree's kernels into its cache: not timed
+            _ana_command(tree, args, Path(tmp) / f"warm-{name}", 2, "0.5")
+        order = [("old", "new"), ("new", "old")]
+        walls = {"old": [], "new": []}
+        curves = {}
+        for k in range(args.repeats):
+            for name in order[k % 2]:
+                wall, curves[name] = _ana_command(trees[name], args, Path(tmp) / f"ws-{name}-{k}", args.limit,
+                                                  args.rates)
+                walls[name].append(wall)
+                if not args.json:
+                    print(f"  {name} ({args.before if name == 'old' else 'this tree'}) run {k + 1}: {wall:.1f} s; "
+                          f"load {os.getloadavg()[0]:.1f}", file=sys.stderr, flush=True)
+    old, new = statistics.median(walls["old"]), statistics.median(walls["new"])
+    figures = {"cfg": args.cfg, "data": args.data, "limit": args.limit, "rates": args.rates, "before": args.before,
+               "old_s": [round(w, 1) for w in walls["old"]], "new_s": [round(w, 1) for w in walls["new"]],
+               "old_median_s": round(old, 1), "new_median_s": round(new, 1), "ratio": round(old / new, 2),
+               "max_curve_difference": _curve_difference(curves["old"], curves["new"]),
+               "cpu_count": os.cpu_count(), "load_average": [round(v, 2) for v in os.getloadavg()]}
+    if args.json:
+        print(json.dumps(figures))
+    else:
+        print(f"darkprune ana on {Path(args.cfg).name}, rates {args.rates}, "
+              f"{args.limit or 'all'} images: median of {args.repeats} run(s) each")
+        print(f"  before ({args.before}): {old:.1f} s ({old / 60:.2f} min)")
+        print(f"  this tree:          {new:.1f} s ({new / 60:.2f} min)")
+        print(f"  before / now: {old / new:.2f}x; largest curve difference "
+              f"{figures['max_curve_difference']}; load average {figures['load_average']} on "
+              f"{figures['cpu_count']} CPUs")
+    return 0
+
 
 if __name__ == "__main__":
     sys.exit(main())

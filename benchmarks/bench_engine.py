@@ -68,14 +68,22 @@ def _opencv_runner(model, folder):
     return run
 
 
+# Both engines' worker threads spin for a while after their last parallel region (ours ~0.5 ms, OpenCV's pool
+# similarly) before they sleep; without a pause, one engine's spinning workers would take cycles from the other's
+# timed run. The pause is kept short: on this VM a vCPU left idle for 20 ms or more is slow to get back (two-thread
+# forwards after such pauses measured 6-50 ms against 5.6 back to back), the host's noise rather than either engine's.
+GAP_S = 0.002
+
+
 def _interleaved(runs, x, repeats, warmup=3):
-    """Median ms of each runner, timed round-robin."""
+    """Median ms of each runner, timed round-robin, GAP_S apart."""
     for _ in range(warmup):
         for run in runs:
             run(x)
     times = [[] for _ in runs]
     for _ in range(repeats):
         for k, run in enumerate(runs):
+            time.sleep(GAP_S)
             t0 = time.perf_counter()
             run(x)
             times[k].append((time.perf_counter() - t0) * 1000)

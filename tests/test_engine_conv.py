@@ -111,6 +111,20 @@ def test_every_path_matches_reference(path, dtype):
         check(x, wt, b, sx, sy, pad, dil, groups, path=path, activation="relu", rel=rel)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_winograd_both_tile_sizes_match_reference(dtype):
+    """The Winograd path runs F(2x2) on calls of at most 64 F(4x4) tiles and F(4x4) above: odd and even sizes,
+    pads 0-2, both sides of the switch (batch 1 and 8 of a 13x13 image, as in yolov3-tiny's last layers)."""
+    rng = np.random.default_rng(7)
+    for nb, c, h, w, n, pad in ((1, 6, 13, 13, 5, 1), (8, 6, 13, 13, 5, 1), (1, 4, 26, 26, 3, 1),
+                                (3, 5, 11, 8, 4, 0), (2, 3, 7, 9, 2, 2), (5, 3, 16, 16, 4, 1)):
+        x = rng.standard_normal((nb, c, h, w)).astype(dtype)
+        wt = rng.standard_normal((n, c, 3, 3)).astype(dtype)
+        b = rng.standard_normal(n).astype(dtype)
+        rel = 1e-12 if dtype == np.float64 else 2e-5
+        check(x, wt, b, 1, 1, pad, 1, 1, path="winograd", activation="leaky", rel=rel)
+
+
 def test_large_image_uses_several_blocks():
     """Enough rows/columns that the im2col and 1x1 kernels split an image into several jobs."""
     rng = np.random.default_rng(2)

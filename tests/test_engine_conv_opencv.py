@@ -94,7 +94,8 @@ CASES = [
     ("depthwise", 8, 12, 12, dict(filters=8, size=3, stride=1, pad=1, groups=8)),
     ("depthwise_stride2", 12, 13, 13, dict(filters=12, size=3, stride=2, pad=1, groups=12)),
     ("depthwise_5x5", 6, 10, 10, dict(filters=6, size=5, stride=1, pad=1, groups=6)),
-    ("winograd_sized", 24, 17, 15, dict(filters=20, size=3, stride=1, pad=1)),
+    ("winograd_sized", 24, 17, 15, dict(filters=20, size=3, stride=1, pad=1)),          # F(2x2): 40 tiles of 4x4
+    ("winograd_f4x4_sized", 16, 40, 35, dict(filters=18, size=3, stride=1, pad=1)),    # F(4x4): 180 tiles
     ("winograd_sized_pad0", 16, 14, 14, dict(filters=32, size=3, stride=1, padding=0)),
 ]
 

@@ -28,14 +28,17 @@ import re
 import subprocess
 import sys
 
-# numba's OpenMP workers spin after every parallel region by default. When other processes share the cores, a
-# spinning worker loses its time slice and the next region waits for the scheduler to hand it back: measured on the
-# 2-core box under load, 2-thread inference took 4-6x longer than 1-thread. With passive waiting the workers sleep
-# at once and are woken (with the scheduler's wake-up preference) when work comes: 2 threads then never lose to 1,
-# at a cost of a few microseconds per region when the machine is idle. This only takes effect if set before numba
+# How numba's OpenMP workers wait between parallel regions. Sleeping at once (passive) costs a wake-up per region,
+# ~50 us on this 2-core VM (an idle vCPU is halted and must be interrupted): a depthwise 3x3 on 8x160x160 took
+# 107 us on two threads against 103 us on one, and Yolo-Fastest batch 1 on two threads 9.4 ms against 9.1 on one.
+# A short spin bridges the few microseconds of Python between one layer's kernel and the next: the same layer
+# 53 us, the network 5.7-6.0 ms. 10,000 spins last about half a millisecond after the last region, so a process
+# that stops running the engine burns that much and no more (300,000, libgomp's own default, burns ~8 ms each
+# time). When other processes hold the cores a spinning worker loses its turn and the regions wait for it; the
+# runner then falls back to one thread by measurement (parallel.ThreadChoice). Only effective if set before numba
 # first starts its thread pool, hence here, at import; a user's own OMP_WAIT_POLICY / GOMP_SPINCOUNT wins.
 if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
-    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    os.environ["GOMP_SPINCOUNT"] = "10000"
 
 import llvmlite.binding as llvm
 import numba
@@ -305,10 +308,10 @@ def matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None, *, trans
 # thread control
 
 
-# A parallel region costs a few microseconds when the machine is quiet, and up to a scheduler time slice (ms) when
-# another process holds the core a worker needs (the region waits for its slowest thread). Small work runs on the
-# calling thread only; a second thread is engaged from about this many microseconds of estimated single-thread work.
-SMALL_WORK_US = 100.0
+# With the workers spinning (above) a parallel region costs 1-2 us on a quiet machine, so nearly every kernel is worth
+# splitting; only the tiniest (a few microseconds of work) stay on the calling thread. A busy machine is the runner's
+# concern (parallel.ThreadChoice), not each kernel's.
+SMALL_WORK_US = 2.0
 
 
 def threads_for(flops: float, bytes_moved: float = 0.0) -> int:

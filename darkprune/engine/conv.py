@@ -9,8 +9,9 @@ Darknet's size as out_h/out_w: positions past the input read zeros, as in Darkne
 
 Forward paths (chosen once per layer by `prepare_conv2d`, which also keeps the derived weight forms):
   - 1x1, stride 1, no padding, groups 1: GEMM on blocks of columns;
-  - 3x3, stride 1, dilation 1, groups 1, >= 16 channels in and out: Winograd F(4x4, 3x3) (2.25x fewer multiplies
-    than im2col): numba input transform, 36 GEMMs, numba output transform;
+  - 3x3, stride 1, dilation 1, groups 1, >= 16 channels in and out: Winograd F(4x4, 3x3) (4x fewer multiplies
+    than im2col): numba input transform, 36 GEMMs, numba output transform; on calls of at most 64 such tiles
+    (13x13 or 26x26 at batch 1) F(2x2, 3x3) instead (16 GEMMs on wider blocks of columns);
   - one input channel per group (depthwise, any channel multiplier): direct numba kernels (3x3 unrolled; stride 2
     reads a parity-split copy of the plane, so every load is contiguous);
   - everything else: im2col + GEMM on blocks of output rows, per group.
@@ -41,6 +42,9 @@ from darkprune.engine.conv_gemm import (
     im2col,
 )
 from darkprune.engine.conv_winograd import (
+    wino2x2_filter_transform,
+    wino2x2_input_transform,
+    wino2x2_output_transform,
     wino_filter_transform,
     wino_input_long,
     wino_input_scratch_elements,
@@ -92,6 +96,8 @@ _IM2COL_MAX_SCRATCH = 8 << 20     # bytes of im2col scratch per thread
 _WINOGRAD_MAX_SCRATCH = 6 << 20   # bytes of transformed input per batch chunk (the GEMM output needs as much again)
 _WINOGRAD_MIN_TILES = 64          # ... but chunks of at least this many tiles (GEMM columns), for small images
 _WINOGRAD_LONG_MIN_TILES = 8      # tiles per band from which the long-loop layout pays
+_WINOGRAD_2X2_MAX_TILES = 64      # F(4x4) tiles per call up to which F(2x2) runs instead (conv_winograd's notes):
+                                  # 13x13 and 26x26 at batch 1 (16, 49 tiles); at 128 (13x13 x 8) they tie
 _BACKWARD_MAX_SCRATCH = 64 << 20  # bytes of im2col + col2im scratch per thread in the per-image backward
 
 _scratch: dict = {}
@@ -165,6 +171,7 @@ class Conv2dPlan:
         self.path = path or self._choose_path()
         self.w2d = self.weights.reshape(n, cg * kh * kw)
         self.wino_u = None
+        self._wino_u2 = None               # F(2x2)'s filters, made on the first call that runs it
         if self.path == PATH_WINOGRAD:
             if not (kh == kw == 3 and self.stride_x == self.stride_y == 1 and self.dilation == 1 and groups == 1):
                 raise ValueError("the Winograd path needs a 3x3, stride 1, dilation 1, ungrouped convolution")
@@ -271,11 +278,34 @@ class Conv2dPlan:
         conv_im2col_kernel(x, self.w2d, self.bias, self.groups, self.kh, self.kw, self.stride_y, self.stride_x,
                             self.pad, self.dilation, oh, ow, self.fused_code, y, rows, ws)
 
+    def _winograd_2x2_filters(self):
+        # two threads arriving together may both compute them: the same array either way, so no lock is needed
+        u2 = self._wino_u2
+        if u2 is None:
+            u2 = np.empty((16, self.n, self.cg), dtype=self.dtype)
+            wino2x2_filter_transform(self.weights, u2)
+            self._wino_u2 = u2
+        return u2
+
+    def _forward_winograd_2x2(self, x, y):
+        nb = x.shape[0]
+        oh, ow = y.shape[2], y.shape[3]
+        th, tw = (oh + 1) // 2, (ow + 1) // 2
+        tiles = nb * th * tw
+        v = _named_scratch("wino2_v", 16 * self.c * tiles, self.dtype).reshape(16, self.c, tiles)
+        m = _named_scratch("wino2_m", 16 * self.n * tiles, self.dtype).reshape(16, self.n, tiles)
+        wino2x2_input_transform(x, self.pad, th, tw, v)
+        batched_gemm(self._winograd_2x2_filters(), v, m, tiles)    # 16 jobs: enough to balance the threads
+        wino2x2_output_transform(m, self.bias, th, tw, self.fused_code, y)
+
     def _forward_winograd(self, x, y):
         nb = x.shape[0]
         oh, ow = y.shape[2], y.shape[3]
         th = (oh + 3) // 4
         tw = (ow + 3) // 4
+        if nb * th * tw <= _WINOGRAD_2X2_MAX_TILES:
+            self._forward_winograd_2x2(x, y)
+            return
         threads = numba.get_num_threads()
         itemsize = np.dtype(self.dtype).itemsize
         # Wide images: one dummy tile per band buys long vector loops in the transforms (it costs 1/tw more GEMM

@@ -1,5 +1,6 @@
-"""Numba kernels of the convolution's Winograd F(4x4, 3x3) path (3x3, stride 1, dilation 1, ungrouped):
-filter transform, input transform, output transform with fused bias + activation.
+"""Numba kernels of the convolution's Winograd paths (3x3, stride 1, dilation 1, ungrouped): F(4x4, 3x3) and, for
+small images at batch 1, F(2x2, 3x3); each a filter transform, an input transform and an output transform with
+fused bias + activation.
 
 Two layouts: compact (tiles of one band side by side) and, for wide images, "long" (one dummy tile per band so all
 bands form one flat run and each transform step is one long vector loop). The 36 GEMMs in between are
@@ -371,3 +372,113 @@ def wino_output_long(m, bias, th, tw, code, y, ws):
             _interleave4(o, (oy % 4) * 4 * flat + (oy // 4) * tw1, flat, yflat[plane + oy * ow:plane + (oy + 1) * ow],
                          full, rest)
         bias_act_row(yflat, plane, plane + oh * ow, bias[f], code)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# numba kernels: Winograd F(2x2, 3x3) for small images at batch 1 (13x13, 26x26)
+#   out = A^T [ (G g G^T) .* (B^T d B) ] A  on 4x4 input tiles d giving 2x2 output tiles
+# F(4x4) needs 2.25x fewer multiplies but 36 GEMMs of very few columns on 2.25x more transformed weights: on a
+# 13x13 image (16 tiles) those GEMMs stream 36 x n x c weights for 16 columns each and are memory-bound. F(2x2)'s 16
+# GEMMs read 16 x n x c weights for 49 columns: yolov3-tiny's 512->1024 3x3 at 13x13, batch 1, 15.6 -> 13.2 ms on one
+# thread, 8.1 -> 6.8 on two; at batch 8 or on larger images F(4x4) wins (darkprune.engine.conv chooses). Plain
+# per-tile loops suffice here: the transforms are a few percent of these layers' time.
+
+@njit(cache=True, parallel=True, nogil=True)
+def wino2x2_filter_transform(w, u):
+    """w (n, c, 3, 3) -> u (16, n, c) = G w G^T, G = [[1,0,0],[1/2,1/2,1/2],[1/2,-1/2,1/2],[0,0,1]]."""
+    nf, nc = w.shape[0], w.shape[1]
+    for f in prange(nf):
+        t = np.empty((4, 3), dtype=np.float64)
+        for c in range(nc):
+            for j in range(3):
+                g0 = w[f, c, 0, j]
+                g1 = w[f, c, 1, j]
+                g2 = w[f, c, 2, j]
+                t[0, j] = g0
+                t[1, j] = (g0 + g1 + g2) / 2.0
+                t[2, j] = (g0 - g1 + g2) / 2.0
+                t[3, j] = g2
+            for i in range(4):
+                g0 = t[i, 0]
+                g1 = t[i, 1]
+                g2 = t[i, 2]
+                u[i * 4 + 0, f, c] = g0
+                u[i * 4 + 1, f, c] = (g0 + g1 + g2) / 2.0
+                u[i * 4 + 2, f, c] = (g0 - g1 + g2) / 2.0
+                u[i * 4 + 3, f, c] = g2
+
+
+@njit(cache=True, parallel=True, nogil=True)
+def wino2x2_input_transform(x, pad, th, tw, v):
+    """x (nb, c, h, w) -> v (16, c, nb*th*tw) = B^T d B on the 4x4 input tiles d at (2ty - pad, 2tx - pad)."""
+    nb, nc, h, w = x.shape
+    ntiles = th * tw
+    for job in prange(nb * nc):
+        b = job // nc
+        c = job % nc
+        d = np.zeros(16, dtype=x.dtype)
+        for ty in range(th):
+            for tx in range(tw):
+                y0 = 2 * ty - pad
+                x0 = 2 * tx - pad
+                for i in range(4):
+                    yy = y0 + i
+                    for j in range(4):
+                        xx = x0 + j
+                        if 0 <= yy < h and 0 <= xx < w:
+                            d[i * 4 + j] = x[b, c, yy, xx]
+                        else:
+                            d[i * 4 + j] = 0
+                # rows: B^T d  (B^T = [[1,0,-1,0],[0,1,1,0],[0,-1,1,0],[0,1,0,-1]])
+                col = b * ntiles + ty * tw + tx
+                for j in range(4):
+                    r0 = d[j] - d[8 + j]
+                    r1 = d[4 + j] + d[8 + j]
+                    r2 = d[8 + j] - d[4 + j]
+                    r3 = d[4 + j] - d[12 + j]
+                    d[j] = r0
+                    d[4 + j] = r1
+                    d[8 + j] = r2
+                    d[12 + j] = r3
+                for i in range(4):
+                    a0 = d[i * 4]
+                    a1 = d[i * 4 + 1]
+                    a2 = d[i * 4 + 2]
+                    a3 = d[i * 4 + 3]
+                    v[i * 4 + 0, c, col] = a0 - a2
+                    v[i * 4 + 1, c, col] = a1 + a2
+                    v[i * 4 + 2, c, col] = a2 - a1
+                    v[i * 4 + 3, c, col] = a1 - a3
+
+
+@njit(cache=True, parallel=True, nogil=True)
+def wino2x2_output_transform(m, bias, th, tw, code, y):
+    """m (16, n, nb*th*tw) -> y (nb, n, oh, ow) = act(A^T m A + bias), A^T = [[1,1,1,0],[0,1,-1,-1]]."""
+    nb, nf, oh, ow = y.shape
+    ntiles = th * tw
+    yflat = y.reshape(-1)
+    for job in prange(nb * nf):
+        b = job // nf
+        f = job % nf
+        q = np.empty(8, dtype=y.dtype)
+        for ty in range(th):
+            for tx in range(tw):
+                col = b * ntiles + ty * tw + tx
+                for j in range(4):
+                    s0 = m[j, f, col]
+                    s1 = m[4 + j, f, col]
+                    s2 = m[8 + j, f, col]
+                    s3 = m[12 + j, f, col]
+                    q[j] = s0 + s1 + s2
+                    q[4 + j] = s1 - s2 - s3
+                for r in range(2):
+                    oy = 2 * ty + r
+                    if oy < oh:
+                        e0 = q[r * 4] + q[r * 4 + 1] + q[r * 4 + 2]
+                        e1 = q[r * 4 + 1] - q[r * 4 + 2] - q[r * 4 + 3]
+                        ox = 2 * tx
+                        y[b, f, oy, ox] = e0
+                        if ox + 1 < ow:
+                            y[b, f, oy, ox + 1] = e1
+        start = job * oh * ow
+        bias_act_row(yflat, start, start + oh * ow, bias[f], code)

@@ -6,7 +6,9 @@ the requested layers (the detection heads, or the last layer). Intermediate outp
 out once per kind of forward from the outputs' lifetimes (buffers.py): a range is reused once its output's last
 reader has run, so memory stays near the largest set of outputs alive at once, and batched forwards stop allocating.
 Returned outputs are always fresh arrays, and arrays passed in are never written. With several numba threads, a
-batch is split into one shard per thread, each run through the whole network on its own thread (parallel.py).
+batch is split into one shard per thread, each run through the whole network on its own thread; a forward that
+cannot be split runs its kernels on all threads or on one, whichever recent forwards of its kind measured faster
+(parallel.py: on a busy machine two threads can lose to one).
 
 `forward(..., start=k, cached=...)` resumes from layer k given the outputs of earlier layers that later layers still
 read (`frontier(k)`): the sensitivity analysis reruns only the part of the network after the layer it changed.
@@ -42,8 +44,9 @@ class Network:
         # last_use[i] = the last layer that reads layer i's output (the output itself if none)
         self.last_use = {i: max(consumers.get(i, [i])) for i in range(-1, len(self.graph))}
         self._consumers = consumers
-        # where intermediate outputs live (shared with variants: the same graph)
+        # where intermediate outputs live, and the measured thread choice (both shared with variants: same graph)
         self._arenas = Arenas()
+        self._thread_choice = parallel.ThreadChoice()
 
     def variant(self, overrides: dict[int, dict[str, np.ndarray]]) -> "Network":
         """A Network for the same graph with some layers' parameters replaced; only those layers are prepared
@@ -92,7 +95,8 @@ class Network:
         shards = parallel.batch_shards(acts, self.graph.layers[start:last + 1])
         if len(shards) > 1:
             return parallel.run_shards(self._forward_layers, acts, shards, start, last, wanted)
-        return self._forward_layers(acts, start, last, wanted)
+        key = (next(iter(acts.values())).shape[0] if acts else 0, start, last, frozenset(wanted))
+        return self._thread_choice.run(key, lambda: self._forward_layers(acts, start, last, wanted))
 
     def _forward_layers(self, acts: dict, start: int, last: int, wanted: set) -> dict[int, np.ndarray]:
         """The layer loop: intermediate outputs in this thread's arena (buffers.py), returned ones fresh."""

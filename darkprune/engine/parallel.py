@@ -9,10 +9,20 @@ loops overlap with the other shard's kernels.
 
 Used only with a thread-safe numba threading layer (omp or tbb: the workqueue layer aborts on concurrent launches)
 and when the batch splits evenly enough (N divisible by the shard count, or at least two images per thread).
+
+A forward that is not split (one image, or a batch too small to shard) splits its kernels between the threads.
+Whether that pays depends on the machine's load more than on the network: on a quiet machine two threads finish
+Yolo-Fastest batch 1 in 0.8x one thread's time, but when another process holds a core every parallel region waits
+for the descheduled worker and two threads take 1.5-5x longer. `ThreadChoice` measures both ways on the forwards the
+caller is running anyway and keeps the faster one (outputs do not depend on it: the kernels split work by output
+element, never a reduction, so one and two threads give bitwise the same results).
 """
 from __future__ import annotations
 
+import statistics
 import threading
+import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 
 import numba
@@ -75,3 +85,91 @@ def run_shards(forward_layers, acts: dict, shards, start: int, last: int, wanted
     if error is not None:
         raise error
     return {i: np.concatenate([p[i] for p in parts]) for i in parts[0]}
+
+
+class ThreadChoice:
+    """All of numba's threads or one for an unsplit forward, chosen by the measured time of recent forwards of the
+    same kind (key: batch size, layer range, requested outputs).
+
+    Per key: the first `warmup` forwards run on all threads and are not counted (JIT compilation, arena planning);
+    then the two modes alternate until each has `keep` times; from then on the mode with the lower median of its
+    last `keep` times runs. The other mode is tried again after `explore` forwards, an interval that doubles (up to
+    `max_explore`) each time the try confirms the choice and resets when the choice flips, so that a change in the
+    machine's load is noticed within a few dozen forwards and a steady state costs at most one slow forward in
+    `max_explore`. Thread-safe; `clock` is injectable for tests."""
+
+    def __init__(self, warmup: int = 2, keep: int = 3, explore: int = 16, max_explore: int = 256,
+                 clock=time.perf_counter):
+        self.warmup, self.keep, self.explore, self.max_explore = warmup, keep, explore, max_explore
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._state: dict = {}
+
+    def _key_state(self, key) -> dict:
+        state = self._state.get(key)
+        if state is None:
+            state = {"seen": 0, "times": {True: deque(maxlen=self.keep), False: deque(maxlen=self.keep)},
+                     "best": True, "interval": self.explore, "since": 0}
+            self._state[key] = state
+        return state
+
+    def _choose(self, key) -> bool:
+        """True: run on all threads; False: on one."""
+        with self._lock:
+            state = self._key_state(key)
+            state["seen"] += 1
+            if state["seen"] <= self.warmup:
+                return True
+            times = state["times"]
+            for mode in (True, False):
+                if len(times[mode]) < self.keep:
+                    return mode
+            state["since"] += 1
+            if state["since"] >= state["interval"]:
+                state["since"] = 0
+                return not state["best"]
+            return state["best"]
+
+    def _record(self, key, all_threads: bool, seconds: float) -> None:
+        with self._lock:
+            state = self._key_state(key)
+            if state["seen"] <= self.warmup:
+                return
+            times = state["times"]
+            times[all_threads].append(seconds)
+            if len(times[True]) < self.keep or len(times[False]) < self.keep:
+                return
+            best = statistics.median(times[True]) <= statistics.median(times[False])
+            if best != state["best"]:                   # the choice flips: watch closely again
+                state["interval"], state["since"] = self.explore, 0
+            elif all_threads != best:                   # a try of the other mode did not flip the choice
+                if seconds < statistics.median(times[best]):
+                    state["since"] = state["interval"]  # but it was faster: try it again at once
+                else:
+                    state["interval"] = min(2 * state["interval"], self.max_explore)
+            state["best"] = best
+
+    def run(self, key, forward):
+        """forward() on all threads or on one, timed."""
+        threads = numba.get_num_threads()
+        if threads < 2:
+            return forward()
+        key = (threads, key)
+        all_threads = self._choose(key)
+        t0 = self.clock()
+        if all_threads:
+            result = forward()
+        else:
+            with limit_threads(1):
+                result = forward()
+        self._record(key, all_threads, self.clock() - t0)
+        return result
+
+    def mode(self, key) -> str | None:
+        """'all', 'one' or None (not measured yet): what the next steady-state forward of this kind runs at the
+        current thread count."""
+        with self._lock:
+            state = self._state.get((numba.get_num_threads(), key))
+            if state is None or any(len(t) < self.keep for t in state["times"].values()):
+                return None
+            return "all" if state["best"] else "one"
