@@ -10,7 +10,7 @@ Darknet's size as out_h/out_w: positions past the input read zeros, as in Darkne
 Forward paths (chosen once per layer by `prepare_conv2d`, which also keeps the derived weight forms):
   - 1x1, stride 1, no padding, groups 1: GEMM on blocks of columns;
   - 3x3, stride 1, dilation 1, groups 1, >= 16 channels in and out: Winograd F(4x4, 3x3) (4x fewer multiplies
-    than im2col): numba input transform, 36 GEMMs, numba output transform; on calls of at most 64 such tiles
+    than im2col): numba input transform, 36 GEMMs, numba output transform; on calls of at most 49 such tiles
     (13x13 or 26x26 at batch 1) F(2x2, 3x3) instead (16 GEMMs on wider blocks of columns);
   - one input channel per group (depthwise, any channel multiplier): direct numba kernels (3x3 unrolled; stride 2
     reads a parity-split copy of the plane, so every load is contiguous);
@@ -96,8 +96,9 @@ _IM2COL_MAX_SCRATCH = 8 << 20     # bytes of im2col scratch per thread
 _WINOGRAD_MAX_SCRATCH = 6 << 20   # bytes of transformed input per batch chunk (the GEMM output needs as much again)
 _WINOGRAD_MIN_TILES = 64          # ... but chunks of at least this many tiles (GEMM columns), for small images
 _WINOGRAD_LONG_MIN_TILES = 8      # tiles per band from which the long-loop layout pays
-_WINOGRAD_2X2_MAX_TILES = 64      # F(4x4) tiles per call up to which F(2x2) runs instead (conv_winograd's notes):
-                                  # 13x13 and 26x26 at batch 1 (16, 49 tiles); at 128 (13x13 x 8) they tie
+_WINOGRAD_2X2_MAX_TILES = 49      # F(4x4) tiles per call up to which F(2x2) runs instead (conv_winograd's notes):
+                                  # 13x13 and 26x26 at batch 1 (16, 49 tiles); at 64 and 128 (13x13 x 4, x 8) they
+                                  # tie, and F(2x2)'s filters would only add memory
 _BACKWARD_MAX_SCRATCH = 64 << 20  # bytes of im2col + col2im scratch per thread in the per-image backward
 
 _scratch: dict = {}
