@@ -1,5 +1,5 @@
 """The runner's choice between all threads and one for unsplit forwards (parallel.ThreadChoice): it follows the
-measured times, notices a change of load, and never changes the outputs."""
+measured times, notices a change of load, and changes the outputs by float32 rounding at most."""
 import numba
 import numpy as np
 import pytest
@@ -85,7 +85,8 @@ def test_each_kind_of_forward_and_thread_count_is_measured_apart(two_threads):
 
 @needs_two
 def test_outputs_do_not_depend_on_the_mode(two_threads):
-    """The kernels split work by output element, so the mode the choice lands on cannot change a result."""
+    """The kernels split work by output element (never a reduction), so the mode the choice lands on changes a
+    result by float32 rounding at most (GEMM blocks are sized by the thread count)."""
     model = dp.load(BUNDLED_CFG, BUNDLED_WEIGHTS)
     x = np.random.default_rng(5).random((1,) + tuple(model.input_shape), dtype=np.float32)
     net = Network(model)
@@ -93,4 +94,5 @@ def test_outputs_do_not_depend_on_the_mode(two_threads):
     with blas.limit_threads(1):
         one = Network(model).forward(x)
     for i in two:
-        assert np.array_equal(two[i], one[i]), i
+        scale = float(np.abs(one[i]).max())
+        assert np.abs(two[i] - one[i]).max() <= 1e-5 * scale, i
