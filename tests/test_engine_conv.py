@@ -100,6 +100,11 @@ def test_every_path_matches_reference(path, dtype):
     elif path == "winograd":
         shapes = [(2, 5, 9, 10, 6, 3, 1, 1, 1, 1, 1), (1, 3, 4, 4, 2, 3, 1, 1, 0, 1, 1),
                   (1, 3, 6, 7, 2, 3, 1, 1, 2, 1, 1), (5, 2, 1, 1, 3, 3, 1, 1, 1, 1, 1)]
+    elif path == "direct3x3":
+        # column stride 1 and 2 (row stride either), pads 0-2, odd and even filter counts, odd and even sizes
+        shapes = [(2, 3, 9, 10, 6, 3, 1, 1, 1, 1, 1), (1, 3, 9, 8, 5, 3, 2, 2, 1, 1, 1),
+                  (3, 1, 7, 6, 3, 3, 2, 1, 1, 1, 1), (1, 2, 8, 9, 1, 3, 1, 2, 0, 1, 1),
+                  (2, 5, 6, 7, 4, 3, 2, 2, 2, 1, 1), (1, 3, 2, 2, 2, 3, 1, 1, 1, 1, 1)]
     else:
         shapes = [(2, 5, 9, 10, 6, 3, 1, 1, 1, 1, 1), (3, 6, 7, 7, 4, 3, 2, 2, 1, 2, 2),
                   (9, 4, 3, 3, 5, 3, 1, 1, 1, 1, 1)]  # many small images: several images per block
@@ -129,7 +134,8 @@ def test_large_image_uses_several_blocks():
     """Enough rows/columns that the im2col and 1x1 kernels split an image into several jobs."""
     rng = np.random.default_rng(2)
     x = rng.standard_normal((1, 3, 70, 90)).astype(np.float32)
-    for path, k, pad in (("im2col", 3, 1), ("gemm1x1", 1, 0), ("winograd", 3, 1), ("depthwise", 3, 1)):
+    for path, k, pad in (("im2col", 3, 1), ("gemm1x1", 1, 0), ("winograd", 3, 1), ("depthwise", 3, 1),
+                         ("direct3x3", 3, 1)):
         groups = 3 if path == "depthwise" else 1
         wt = rng.standard_normal((3, 3 // groups, k, k)).astype(np.float32)
         b = rng.standard_normal(3).astype(np.float32)
@@ -144,7 +150,7 @@ def test_fused_activation(activation):
     x = rng.standard_normal((2, 16, 7, 8)).astype(np.float32)
     wt = rng.standard_normal((16, 16, 3, 3)).astype(np.float32) * 0.3
     b = rng.standard_normal(16).astype(np.float32)
-    for path in PATHS[::3] + ("winograd",):  # gemm1x1 needs k=1: cover im2col + winograd here
+    for path in PATHS[::3] + ("winograd", "direct3x3"):  # gemm1x1 needs k=1: cover the 3x3 paths here
         if path == "gemm1x1":
             continue
         check(x, wt, b, 1, 1, 1, 1, 1, path=path, activation=activation, rel=1e-4)
