@@ -119,3 +119,20 @@ def test_without_dask_the_cluster_setting_says_what_to_install(fastest, images, 
     monkeypatch.setitem(sys.modules, "distributed", None)          # `import distributed` now fails
     with pytest.raises(dp.DarkpruneError, match=r"needs dask.distributed.*pip install darkprune\[dask\]"):
         analyze(fastest, images, rates=RATES, progress=False, cluster="local:2")
+
+
+def test_sweep_runs_its_analysis_on_the_cluster(tmp_path, capsys):
+    """`sweep --cluster local:2` measures its one analysis on the cluster: the same sensitivity file as a plain
+    `ana`, and a bad address is refused before any work, as `ana` refuses it."""
+    common = [str(BUNDLED_CFG), str(BUNDLED_WEIGHTS), "--data", str(BUNDLED_DATA), "--limit", str(IMAGES),
+              "--rates", ",".join(map(str, RATES)), "-q"]
+    code = main(["sweep", *common, "--thresholds", "0.02", "--cluster", "local:x", "-w", str(tmp_path / "bad")])
+    assert code == 1 and "--cluster local:x: expected a Dask scheduler's address" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+    assert main(["ana", *common, "-w", str(tmp_path / "plain")]) == 0
+    capsys.readouterr()
+    assert main(["sweep", *common, "--thresholds", "0.02", "--timing-repeats", "1", "--cluster", "local:2",
+                 "--json", "-w", str(tmp_path / "ws")]) == 0
+    payload = json.loads(capsys.readouterr().out)
+    assert [row["label"] for row in payload["rows"]] == ["original", "t=0.02"]
+    assert _file(tmp_path / "ws" / "sensitivity.json") == _file(tmp_path / "plain" / "sensitivity.json")

@@ -66,14 +66,14 @@ def cmd_transform(args) -> tuple[dict, str]:
 def cmd_sweep(args) -> tuple[dict, str]:
     from ..workflow.sweep import format_sweep, sweep
     s = _settings(args, ["thresholds", "rates", "criterion", "limit", "exclude", "divisible", "batch",
-                         "no_prefix_cache"])
+                         "no_prefix_cache", "cluster"])
     if not s.get("weights"):
         raise DarkpruneError("darkprune sweep needs trained weights: give WEIGHTS (or weights= in the config)")
     result = sweep(s["cfg"], s["weights"], s.get("data"), s["workspace"], s.numbers("thresholds"),
                    rates=s.numbers("rates"), criterion=s["criterion"], limit=s.whole("limit"),
                    exclude=s.names("exclude"), divisible=s.whole("divisible") or 1, batch=s.whole("batch") or 16,
                    progress=progress(args), prefix_cache=not s["no_prefix_cache"], log=logger(args),
-                   timing_repeats=_repeats(args))
+                   timing_repeats=_repeats(args), cluster=s.get("cluster") or None)
     return result, format_sweep(result)
 
 
@@ -93,6 +93,11 @@ def _analysis_flags(p) -> None:
     p.add_argument("--batch", type=int, help="images per forward pass (default 16)")
     p.add_argument("--no-prefix-cache", dest="no_prefix_cache", action="store_true",
                    help="recompute every layer for every evaluation (slower; for comparison)")
+
+
+def _cluster_flag(p) -> None:
+    p.add_argument("--cluster", help="measure the groups as Dask tasks: on the scheduler at tcp://HOST:8786, or on "
+                                     "local:N, N worker processes started for the run (pip install darkprune[dask])")
 
 
 def _prune_flags(p) -> None:
@@ -160,8 +165,7 @@ def add_parsers(sub) -> None:
                         "calibration images of the train= list (prune --reconstruct then plans on it)")
     p.add_argument("--calib-images", dest="calib_images", type=int,
                    help="calibration images for --reconstruct (default 256)")
-    p.add_argument("--cluster", help="measure the groups as Dask tasks: on the scheduler at tcp://HOST:8786, or on "
-                                     "local:N, N worker processes started for the run (pip install darkprune[dask])")
+    _cluster_flag(p)
 
     p = base("prune", "step 2: choose per-layer rates and mask the pruned channels",
              "--threshold LOSS: each channel group gets the largest analysed rate whose own accuracy loss (and that\n"
@@ -190,6 +194,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--data", help="Darknet .data file (its valid= list is measured)")
     p.add_argument("--thresholds", help="comma-separated thresholds (default 0.005,0.01,0.02,0.05)")
     _analysis_flags(p)
+    _cluster_flag(p)
     p.add_argument("--timing-repeats", type=int, default=15,
                    help="interleaved rounds when timing the models (default 15; the median counts)")
 

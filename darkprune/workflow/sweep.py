@@ -70,9 +70,11 @@ def measurement_noise(sens) -> float:
 
 
 def sweep(cfg, weights, data, workspace, thresholds, rates=None, criterion="l1", limit=None, exclude=(),
-          divisible=1, batch=16, progress=True, prefix_cache=True, log=_log_stderr, timing_repeats=15) -> dict:
+          divisible=1, batch=16, progress=True, prefix_cache=True, log=_log_stderr, timing_repeats=15,
+          cluster=None) -> dict:
     """Analyse once, then for each threshold prune, transform, evaluate, write the pair and time it. Returns the
-    table as a dict: {"metric", "baseline", "images", "noise", "rows": [...], "json", "plot", ...}."""
+    table as a dict: {"metric", "baseline", "images", "noise", "rows": [...], "json", "plot", ...}. `cluster`: run
+    the analysis' groups on a Dask cluster, as `analyze(..., cluster=)` takes it (the same curves)."""
     from ..darknet import load
     from ..prune.analysis import DEFAULT_RATES, _check_rates, resolve_exclude
     from ..prune.masks import structure_fingerprint
@@ -96,7 +98,7 @@ def sweep(cfg, weights, data, workspace, thresholds, rates=None, criterion="l1",
                 "exclude": list(exclude), "divisible": divisible}
     log(f"sensitivity analysis of {cfg} on {len(dataset)} images of {data} (saved after each group; rerun to "
         f"resume)")
-    sens = _analyse_once(model, dataset, workspace, fingerprint, settings, batch, progress, prefix_cache)
+    sens = _analyse_once(model, dataset, workspace, fingerprint, settings, batch, progress, prefix_cache, cluster)
     ws = Workspace(workspace, create=False)
     sens.plot(ws.file("sensitivity.png"))
     for t in thresholds:
@@ -130,7 +132,7 @@ def sweep(cfg, weights, data, workspace, thresholds, rates=None, criterion="l1",
     return result
 
 
-def _analyse_once(model, dataset, workspace, fingerprint, settings, batch, progress, prefix_cache):
+def _analyse_once(model, dataset, workspace, fingerprint, settings, batch, progress, prefix_cache, cluster):
     from ..prune.analysis import analyze
 
     def prepare():          # the baseline was measured: every input is fine, now the workspace may be written
@@ -140,7 +142,7 @@ def _analyse_once(model, dataset, workspace, fingerprint, settings, batch, progr
     return analyze(model, dataset, rates=settings["rates"], criterion=settings["criterion"],
                    divisible=settings["divisible"], exclude=settings["exclude"],
                    out_path=Path(workspace) / "sensitivity.json", batch=batch, progress=progress,
-                   prefix_cache=prefix_cache, prepare=prepare)
+                   prefix_cache=prefix_cache, prepare=prepare, cluster=cluster)
 
 
 def _prune_at(model, sens, dataset, t, noise, divisible, excluded, out_dir, batch, progress):
