@@ -22,7 +22,7 @@ from .darknet import Model, load          # noqa: E402
 from .errors import DarkpruneError, SettingError  # noqa: E402
 
 __all__ = ["__version__", "Model", "load", "DarkpruneError", "SettingError", "load_data", "evaluate", "detect",
-           "finetune", "analyze", "prune", "prune_gradually", "transform"]
+           "finetune", "analyze", "prune", "prune_gradually", "transform", "with_input_size"]
 
 # Loaded on first use: they pull in the numba engine, OpenCV and tqdm (~2 s), which `import darkprune` (and so
 # `darkprune info`/`--help`) need not pay. `detect` and `evaluate` are also the names of submodules; when Python
@@ -31,7 +31,8 @@ __all__ = ["__version__", "Model", "load", "DarkpruneError", "SettingError", "lo
 _LAZY = {"load_data": ("darkprune.data", "load_data"), "evaluate": ("darkprune.evaluate", "evaluate"),
          "detect": ("darkprune.detect", "detect"), "finetune": ("darkprune.train.finetune", "finetune"),
          "analyze": ("darkprune.prune.analysis", "analyze"), "transform": ("darkprune.prune.transform", "transform"),
-         "prune_gradually": ("darkprune.prune.gradual", "prune_gradually")}
+         "prune_gradually": ("darkprune.prune.gradual", "prune_gradually"),
+         "with_input_size": ("darkprune.darknet.resize", "with_input_size")}
 
 
 def _lazy_property(name: str, module: str, attr: str) -> property:

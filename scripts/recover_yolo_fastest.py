@@ -11,7 +11,10 @@ held-out images steers the plan.
    on the analysis), measured four ways, each column on the same plan: plain masking; + bias compensation;
    + reconstruction (least squares on `--calib-images` train images, no labels used); + `--curve-iters` iterations
    of finetuning distilled from the unpruned model.
-2. The recovered model: `--final` of the BFLOPs removed in `--steps` cuts (prune/gradual.py), each compensated,
+2. The input size (`--input-sizes`): the unpruned model at smaller inputs (its weights unchanged, [net]
+   width/height set: darknet/resize.py), which is the other way to fewer BFLOPs, and at the smallest of them the
+   `--sizes-cut` cut of the curve (compensated and reconstructed at that size) on top.
+3. The recovered model: `--final` of the BFLOPs removed in `--steps` cuts (prune/gradual.py), each compensated,
    reconstructed and finetuned for `--step-iters` distilled iterations, then `--final-iters` more; transformed into a
    physically smaller pair, checked to load in OpenCV's Darknet importer (and its head outputs compared with ours),
    measured, and timed in both engines.
@@ -70,6 +73,10 @@ def arguments(argv=None):
     p.add_argument("--rates", default="0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9", help="the analysis' rates")
     p.add_argument("--sensitivity", help="a finished analysis (sensitivity.json) of the model on training images, "
                                          "instead of running one")
+    p.add_argument("--input-sizes", default="288x288,320x256,288x256,320x224,256x256",
+                   help="input sizes (WxH, multiples of 32) the unpruned model is measured at ('' none)")
+    p.add_argument("--sizes-cut", type=float, default=0.05,
+                   help="share of BFLOPs the channel cut on top of the last input size removes (0: none)")
     p.add_argument("--limit", type=int, default=None, help="measure on the first N held-out images only")
     p.add_argument("--skip-curve", action="store_true", help="only the recovered model")
     p.add_argument("--skip-recovered", action="store_true", help="only the curve (printed, not written)")
@@ -78,6 +85,7 @@ def arguments(argv=None):
     if args.quick:
         args.targets, args.steps, args.step_iters, args.final_iters, args.curve_iters = "0.2", 2, 2, 2, 2
         args.calib_images, args.rates, args.limit = 8, "0.3,0.6", args.limit or 8
+        args.input_sizes = "256x256"
     return args
 
 
@@ -180,6 +188,44 @@ def curve_row(model, sens, target, args, stages, folder, held_out, calib):
     return row
 
 
+def input_size_rows(model, sens, args, stages, held_out) -> list[dict]:
+    """The unpruned model at each of --input-sizes; at the last one also with the --sizes-cut channel cut,
+    compensated and reconstructed at that size (the original at that size as the reference)."""
+    from darkprune.darknet.resize import parse_input_size, with_input_size
+    from darkprune.prune.calibration import calibration_inputs
+    from darkprune.prune.masks import Masks
+    from darkprune.prune.plan import masks_for_plan, plan_by_rate
+    from darkprune.prune.reconstruct import reconstruct
+    from darkprune.workflow.timing import latencies
+    base = model.graph.total_bflops
+    rows = []
+    sizes = [parse_input_size(t) for t in args.input_sizes.split(",") if t.strip()]
+    for k, (w, h) in enumerate(sizes):
+        resized = with_input_size(model, w, h)
+        cuts = [0.0] + ([args.sizes_cut] if k == len(sizes) - 1 and args.sizes_cut > 0 else [])
+        for cut in cuts:
+            key = f"size/{w}x{h}/{cut:g}"
+            row = stages.get(key)
+            if row is None:
+                small = resized
+                if cut:
+                    plan_masks = masks_for_plan(model, plan_by_rate(model, sens, cut))
+                    masks = Masks.for_model(resized, {g: c.copy() for g, c in plan_masks.pruned.items()})
+                    rebuilt = reconstruct(resized, compensated_cut(resized, masks),
+                                          calibration_inputs(resized, args.data, args.calib_images), masks,
+                                          progress=False)
+                    small = dp.transform(rebuilt, masks)
+                timing = latencies([small], repeats=15)[0]
+                row = stages.put(key, {"width": w, "height": h, "cut": cut, "bflops": small.graph.total_bflops,
+                                       "removed": 1 - small.graph.total_bflops / base,
+                                       "params": small.graph.total_params,
+                                       "map50": measure(small, held_out, args.limit), **_ms(timing)})
+            print_err(f"input {w}x{h}{f' + {cut:.0%} cut' if cut else ''}: {row['removed']:.1%} fewer BFLOPs, "
+                      f"mAP@0.5 {row['map50']:.4f}")
+            rows.append(row)
+    return rows
+
+
 def recovered(model, sens, args, stages, folder, held_out, calib):
     """The run to --final in --steps cuts, its last finetune, and the transformed pair (paths, mAPs, timing). Its
     folders and record are named by those settings, so another choice of them never resumes this one's steps."""
@@ -237,7 +283,7 @@ def main(argv=None) -> int:
     # what the curve's figures depend on (the recovered run is recorded under a name of its own settings)
     settings = {k: v for k, v in vars(args).items() if k not in ("workspace", "skip_curve", "skip_recovered",
                                                                  "targets", "final", "steps", "step_iters",
-                                                                 "final_iters")}
+                                                                 "final_iters", "input_sizes", "sizes_cut")}
     stages = Stages(folder, settings)
     model = dp.load(args.cfg, args.weights)
     held_out = load_held_out(args)
@@ -252,23 +298,24 @@ def main(argv=None) -> int:
     calib = calibration(model, args)
     rows = [] if args.skip_curve else [curve_row(model, sens, float(t), args, stages, folder, held_out, calib)
                                        for t in args.targets.split(",")]
+    sizes = input_size_rows(model, sens, args, stages, held_out)
     if args.skip_recovered:
-        print(json.dumps(rows, indent=1))
+        print(json.dumps({"curve": rows, "input_sizes": sizes}, indent=1))
         return 0
     steps, final = recovered(model, sens, args, stages, folder, held_out, calib)
-    report = finish(model, args, folder, baseline, rows, steps, final, held_out)
+    report = finish(model, args, folder, baseline, rows, steps, final, held_out, sizes)
     print(report["markdown"])
     return 0
 
 
-def finish(model, args, folder, baseline, rows, steps, final, held_out) -> dict:
+def finish(model, args, folder, baseline, rows, steps, final, held_out, sizes) -> dict:
     from darkprune.workflow.timing import latencies
     small = dp.load(str(folder / "recovered.cfg"), str(folder / "recovered.weights"))
     check = opencv_check(model, folder / "recovered.cfg", folder / "recovered.weights", held_out)
     timing = latencies([model, small], repeats=15)
     result = {"original": {"map50": baseline, "bflops": model.graph.total_bflops,
                            "params": model.graph.total_params, **_ms(timing[0])},
-              "curve": rows, "steps": steps,
+              "curve": rows, "input_sizes": sizes, "steps": steps,
               "recovered": {"map50": final["after_final_finetune"], "bflops": small.graph.total_bflops,
                             "params": small.graph.total_params, **_ms(timing[1]), **check,
                             "cfg": str(folder / "recovered.cfg"), "weights": str(folder / "recovered.weights")},
@@ -292,6 +339,14 @@ def markdown(r: dict) -> str:
     for row in r["curve"]:
         lines.append(f"| {row['removed']:.1%} | {row['bflops']:.4f} | {row['params']:,} | {row['masked']:.4f} | "
                      f"{row['compensated']:.4f} | {row['reconstructed']:.4f} | {row['distilled']:.4f} |")
+    if r.get("input_sizes"):
+        lines += ["", "| input size (the unpruned model unless said) | BFLOPs removed | BFLOPs | params | mAP@0.5 | ours ms | OpenCV ms |",
+                  "|---|---|---|---|---|---|---|"]
+        for row in r["input_sizes"]:
+            what = f"{row['width']}x{row['height']}" + (f" + the {row['cut']:.0%} cut (compensated, reconstructed)"
+                                                         if row["cut"] else "")
+            lines.append(f"| {what} | {row['removed']:.1%} | {row['bflops']:.4f} | {row['params']:,} | "
+                         f"{row['map50']:.4f} | {row['ours_ms']} | {row['opencv_ms']} |")
     lines += ["", "| model | BFLOPs | params | mAP@0.5 | ours ms | OpenCV ms |", "|---|---|---|---|---|---|",
               f"| original | {o['bflops']:.4f} | {o['params']:,} | {o['map50']:.4f} | {o['ours_ms']} | "
               f"{o['opencv_ms']} |"]

@@ -31,3 +31,8 @@ def test_quick_recipe_writes_a_smaller_pair_opencv_loads_and_its_table(tmp_path)
     row = report["curve"][0]
     assert {"masked", "compensated", "reconstructed", "distilled"} <= set(row)
     assert "| recovered" in (ws / "recover.md").read_text()
+    sizes = report["input_sizes"]            # --quick: 256x256, then with the 5% cut on top
+    assert [(r["width"], r["height"], r["cut"]) for r in sizes] == [(256, 256, 0.0), (256, 256, 0.05)]
+    assert sizes[0]["bflops"] == pytest.approx(original.graph.total_bflops * 0.64, rel=1e-6)
+    assert sizes[1]["bflops"] < sizes[0]["bflops"] and 0 <= sizes[1]["map50"] <= 1
+    assert "| 256x256 |" in (ws / "recover.md").read_text()

@@ -184,6 +184,9 @@ def add_parsers(sub) -> None:
              "OpenCV load. Its outputs equal the masked model's (checked).")
     p.add_argument("-o", "--out", help="output prefix: writes PREFIX.cfg and PREFIX.weights "
                                        "(default WORKSPACE/transformed)")
+    p.add_argument("--input-size", dest="input_size", metavar="W[xH]",
+                   help="write the pair at this input size ([net] width/height; e.g. 256): a smaller input is a "
+                        "second way to fewer BFLOPs, combined with the channels removed")
 
     p = base("sweep", "analysis once, then prune + transform + evaluate at several thresholds",
              "One sensitivity analysis, then for each threshold: prune, transform, evaluate, time; a table, a JSON\n"

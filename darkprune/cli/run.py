@@ -43,7 +43,8 @@ def cmd_eval(args) -> tuple[dict, str]:
         raise DarkpruneError(f"--iou-thresh must be in (0, 1], not {args.iou_thresh}")
     return measure(args.cfg, args.weights, args.data, args.limit, batch=args.batch, thresh=args.thresh,
                    iou_thresh=args.iou_thresh, points=args.points, letterbox=True if args.letterbox else None,
-                   resize=args.resize, cache=not args.no_cache, progress=not args.quiet)
+                   resize=args.resize, cache=not args.no_cache, progress=not args.quiet,
+                   input_size=args.input_size)
 
 
 @parsers
@@ -90,5 +91,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--batch", type=int, default=16, help="images per forward pass (16)")
     p.add_argument("--no-cache", action="store_true",
                    help="preprocess on the fly instead of through the preprocessed-input cache")
+    p.add_argument("--input-size", dest="input_size", metavar="W[xH]",
+                   help="run the network at this input size instead of the cfg's width/height (e.g. 256)")
     add_common(p)
 

@@ -21,7 +21,7 @@ ANA_KEYS = ["rates", "criterion", "limit", "shard", "exclude", "divisible", "bat
 PRUNE_KEYS = ["threshold", "rate", "by", "exclude", "divisible", "limit", "batch", "prune_out_weights", "compensate",
               "reconstruct", "calib_images", "steps", "step_iters", "step_lr", "seed", "teacher", "distill_weight",
               "plan_curves"]
-TRANSFORM_KEYS = ["out", "out_cfg"]
+TRANSFORM_KEYS = ["out", "out_cfg", "input_size"]
 
 
 def _quiet(message: str) -> None:
@@ -362,6 +362,7 @@ def _pruned_weights(ws) -> str:
 def run_transform(s: Settings) -> tuple[dict, str]:
     """Remove the workspace's masked channels from the weights: a smaller pair with the masked model's outputs."""
     from ..darknet import load
+    from ..darknet.resize import parse_input_size, with_input_size
     from ..prune.masks import Masks, apply_masks
     ws = Workspace(s["workspace"], create=False)
     if not ws.exists("masks.json"):
@@ -376,14 +377,24 @@ def run_transform(s: Settings) -> tuple[dict, str]:
         refuse_overwrite(target, inputs, "the transformed model")
     if not cfg_out.parent.is_dir():
         raise DarkpruneError(f"{cfg_out}: output folder {cfg_out.parent} does not exist")
+    size = parse_input_size(s["input_size"]) if s.get("input_size") else None
+    if size is not None:        # refused before anything is written if the network does not take that size
+        with_input_size(model, *size)
     masked = apply_masks(model, masks)
     small, worst = transform_and_check(masked, masks)
-    small.save(cfg_out, weights_out)
-    ws.save_config("transform", absolute_settings(s, ("cfg", "weights", "out")))
     summary = summary_rows(model, masks, None, None, "")
+    note = ""
+    if size is not None:        # the outputs were checked at the cfg's size; the pair is written at the new one
+        small = with_input_size(small, *size)
+        summary.update({"input_size": list(size), "bflops_after": round(small.graph.total_bflops, 6)})
+        summary["bflops_ratio"] = round(summary["bflops_after"] / max(summary["bflops_before"], 1e-12), 4)
+        note = (f"\ninput size {model.graph.net['width']}x{model.graph.net['height']} -> {size[0]}x{size[1]} "
+                f"(the layer rows above are at the cfg's size; the BFLOPs total is at the new one)")
+    small.save(cfg_out, weights_out)
+    ws.save_config("transform", absolute_settings(s, ("cfg", "weights", "out", "input_size")))
     summary.update({"files": {"cfg": str(cfg_out), "weights": str(weights_out)}, "max_output_change": worst,
                     "weights_in": str(weights), "channels_removed": masks.total_pruned})
     ws.update_summary("transform", summary)
     text = format_summary(f"transform: {masks.total_pruned} channels removed from {weights}", summary)
-    return summary, text + (f"\noutputs unchanged (max difference {worst:.1e} of their scale)"
-                            f"\nwritten: {cfg_out}, {weights_out}")
+    return summary, text + note + (f"\noutputs unchanged (max difference {worst:.1e} of their scale)"
+                                   f"\nwritten: {cfg_out}, {weights_out}")
