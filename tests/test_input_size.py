@@ -87,3 +87,27 @@ def test_cli_transform_and_eval_at_an_input_size(tmp_path, capsys):
     assert evaluated[0]["map50"] == evaluated[1]["map50"]
     code, _, err = run_cli(capsys, "transform", BUNDLED_CFG, *ws, "-o", tmp_path / "bad", "--input-size", "300")
     assert code == 1 and "route inputs differ in size" in err and not (tmp_path / "bad.cfg").exists()
+
+
+def test_sweep_measures_the_unpruned_model_at_smaller_inputs(tmp_path, capsys):
+    """`sweep --input-sizes` adds rows of the unpruned model at those sizes: each pair written at its size, loaded
+    by OpenCV, its BFLOPs Darknet's count there and its mAP what `eval --input-size` measures; a size the network
+    cannot take is refused before the workspace is made."""
+    common = [BUNDLED_CFG, BUNDLED_WEIGHTS, "--data", BUNDLED_DATA, "--limit", 8, "--rates", "0.3",
+              "--thresholds", "0.01", "--timing-repeats", 1, "-q"]
+    code, _, err = run_cli(capsys, "sweep", *common, "--input-sizes", "256,300", "-w", tmp_path / "bad")
+    assert code == 1 and "at input 300x300" in err and not (tmp_path / "bad").exists()
+    code, out, _ = run_cli(capsys, "sweep", *common, "--input-sizes", "288x256,256", "-w", tmp_path / "ws",
+                           "--json")
+    assert code == 0
+    rows = json.loads(out)["rows"]
+    assert [r["label"] for r in rows] == ["original", "t=0.01", "288x256", "256x256"]
+    original = dp.load(BUNDLED_CFG)
+    for row, (w, h) in zip(rows[2:], [(288, 256), (256, 256)]):
+        assert row["input_size"] == [w, h] and row["opencv_loads"] and row["ours_ms"] > 0
+        pair = dp.load(row["cfg"], row["weights"])
+        assert pair.input_shape == (3, h, w) and pair.graph.total_params == original.graph.total_params
+        assert row["bflops"] == pytest.approx(original.graph.total_bflops * w * h / 320 ** 2, abs=1e-6)
+        measured = json.loads(run_cli(capsys, "eval", BUNDLED_CFG, BUNDLED_WEIGHTS, "--data", BUNDLED_DATA,
+                                      "--limit", 8, "--input-size", f"{w}x{h}", "--json", "-q")[1])
+        assert row["map50"] == pytest.approx(measured["map50"], abs=1e-12)

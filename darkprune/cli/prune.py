@@ -66,14 +66,15 @@ def cmd_transform(args) -> tuple[dict, str]:
 def cmd_sweep(args) -> tuple[dict, str]:
     from ..workflow.sweep import format_sweep, sweep
     s = _settings(args, ["thresholds", "rates", "criterion", "limit", "exclude", "divisible", "batch",
-                         "no_prefix_cache", "cluster"])
+                         "no_prefix_cache", "cluster", "input_sizes"])
     if not s.get("weights"):
         raise DarkpruneError("darkprune sweep needs trained weights: give WEIGHTS (or weights= in the config)")
     result = sweep(s["cfg"], s["weights"], s.get("data"), s["workspace"], s.numbers("thresholds"),
                    rates=s.numbers("rates"), criterion=s["criterion"], limit=s.whole("limit"),
                    exclude=s.names("exclude"), divisible=s.whole("divisible") or 1, batch=s.whole("batch") or 16,
                    progress=progress(args), prefix_cache=not s["no_prefix_cache"], log=logger(args),
-                   timing_repeats=_repeats(args), cluster=s.get("cluster") or None)
+                   timing_repeats=_repeats(args), cluster=s.get("cluster") or None,
+                   input_sizes=s.get("input_sizes") or ())
     return result, format_sweep(result)
 
 
@@ -198,6 +199,9 @@ def add_parsers(sub) -> None:
     p.add_argument("--thresholds", help="comma-separated thresholds (default 0.005,0.01,0.02,0.05)")
     _analysis_flags(p)
     _cluster_flag(p)
+    p.add_argument("--input-sizes", dest="input_sizes", metavar="WxH,...",
+                   help="also measure the unpruned model at these input sizes (e.g. 288x256,256x256): the other "
+                        "way to fewer BFLOPs, in the same table")
     p.add_argument("--timing-repeats", type=int, default=15,
                    help="interleaved rounds when timing the models (default 15; the median counts)")
 

@@ -28,14 +28,14 @@ DEFAULTS = {
     "out": None, "thresholds": "0.005,0.01,0.02,0.05", "no_prefix_cache": False, "merge": False,
     "compensate": False, "reconstruct": False, "calib_images": 256, "steps": 1, "step_iters": None,
     "step_lr": None, "seed": 0, "teacher": None, "distill_weight": None,
-    "plan_curves": "plain", "by": "bflops", "input_size": None,
+    "plan_curves": "plain", "by": "bflops", "input_size": None, "input_sizes": None,
 }
 # Settings a pruning config may hold for any of the steps (each step takes its own, ignores the others').
 PRUNING_KEYS = {"cfg", "weights", "data", "workspace", "config", "rates", "criterion", "limit", "shard", "exclude",
                 "divisible", "batch", "no_prefix_cache", "merge", "threshold", "rate", "out", "thresholds",
                 "ana_out_file", "prune_out_weights", "out_cfg", "compensate", "reconstruct",
                 "calib_images", "steps", "step_iters", "step_lr", "seed", "teacher", "distill_weight",
-                "plan_curves", "by", "input_size"}
+                "plan_curves", "by", "input_size", "input_sizes"}
 TRUE_WORDS = ("1", "true", "yes", "on")
 FALSE_WORDS = ("0", "false", "no", "off", "")
 

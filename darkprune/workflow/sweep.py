@@ -30,6 +30,7 @@ import sys
 import time
 from pathlib import Path
 
+from ..darknet.resize import parse_input_size, with_input_size
 from ..errors import SettingError
 from .steps import transform_and_check, validation_set
 from .timing import latencies
@@ -71,10 +72,12 @@ def measurement_noise(sens) -> float:
 
 def sweep(cfg, weights, data, workspace, thresholds, rates=None, criterion="l1", limit=None, exclude=(),
           divisible=1, batch=16, progress=True, prefix_cache=True, log=_log_stderr, timing_repeats=15,
-          cluster=None) -> dict:
+          cluster=None, input_sizes=()) -> dict:
     """Analyse once, then for each threshold prune, transform, evaluate, write the pair and time it. Returns the
     table as a dict: {"metric", "baseline", "images", "noise", "rows": [...], "json", "plot", ...}. `cluster`: run
-    the analysis' groups on a Dask cluster, as `analyze(..., cluster=)` takes it (the same curves)."""
+    the analysis' groups on a Dask cluster, as `analyze(..., cluster=)` takes it (the same curves). `input_sizes`:
+    [(width, height), ...] or text ("288x256,256") at which the unpruned model is measured too (the other way to fewer BFLOPs), each pair
+    written, evaluated, loaded in OpenCV and timed as the pruned ones."""
     from ..darknet import load
     from ..prune.analysis import DEFAULT_RATES, _check_rates, resolve_exclude
     from ..prune.masks import structure_fingerprint
@@ -85,7 +88,9 @@ def sweep(cfg, weights, data, workspace, thresholds, rates=None, criterion="l1",
     thresholds = check_thresholds(thresholds)
     rates = _check_rates(rates or DEFAULT_RATES)
     check_criterion(criterion)
+    input_sizes = _sizes(input_sizes)
     model = load(cfg, weights)
+    resized = [with_input_size(model, w, h) for w, h in input_sizes]     # a size the network refuses fails here
     dataset = validation_set(data, limit)
     excluded = resolve_exclude(model, exclude)
     fingerprint = structure_fingerprint(model.graph)
@@ -95,7 +100,8 @@ def sweep(cfg, weights, data, workspace, thresholds, rates=None, criterion="l1",
     started = time.perf_counter()
     settings = {"cfg": os.path.abspath(cfg), "weights": os.path.abspath(weights), "data": os.path.abspath(data),
                 "thresholds": thresholds, "rates": rates, "criterion": criterion, "limit": limit,
-                "exclude": list(exclude), "divisible": divisible}
+                "exclude": list(exclude), "divisible": divisible,
+                "input_sizes": [f"{w}x{h}" for w, h in input_sizes]}
     log(f"sensitivity analysis of {cfg} on {len(dataset)} images of {data} (saved after each group; rerun to "
         f"resume)")
     sens = _analyse_once(model, dataset, workspace, fingerprint, settings, batch, progress, prefix_cache, cluster)
@@ -120,6 +126,12 @@ def sweep(cfg, weights, data, workspace, thresholds, rates=None, criterion="l1",
         log(f"threshold {t:g}: {sens.metric} {row[sens.metric]:.4f} (loss {row['loss']:+.4f}; predicted "
             f"{row['predicted_loss']:.4f}; promise <= {row['promise']:.4f} for {row['groups_pruned']} groups: "
             f"{'kept' if row['within_promise'] else 'NOT kept'}), {row['bflops']:.3f} BFLOPs, {row['params']:,} params")
+    for small in resized:
+        row = _at_input_size(small, sens, dataset, out_dir, batch, progress)
+        rows.append(row)
+        models.append(small)
+        log(f"input {row['label']}: {sens.metric} {row[sens.metric]:.4f} (loss {row['loss']:+.4f}), "
+            f"{row['bflops']:.3f} BFLOPs")
     log(f"timing {len(models)} models (batch 1, our engine and OpenCV, {timing_repeats} interleaved rounds)")
     _add_timings(rows, latencies(models, repeats=timing_repeats))
     result = {"metric": sens.metric, "baseline": sens.baseline, "images": sens.images, "noise": noise,
@@ -173,6 +185,25 @@ def _prune_at(model, sens, dataset, t, noise, divisible, excluded, out_dir, batc
     return row, small
 
 
+def _sizes(sizes) -> list[tuple[int, int]]:
+    if isinstance(sizes, str):
+        return [parse_input_size(t) for t in sizes.split(",") if t.strip()]
+    return [(int(w), int(h)) for w, h in sizes]
+
+
+def _at_input_size(small, sens, dataset, out_dir, batch, progress) -> dict:
+    """The unpruned model at another input size: its pair written, evaluated, loaded in OpenCV (the table row)."""
+    from ..evaluate import evaluate
+    c, h, w = small.input_shape
+    cfg_out, weights_out = out_dir / f"input{w}x{h}.cfg", out_dir / f"input{w}x{h}.weights"
+    small.save(cfg_out, weights_out)
+    measured = float(evaluate(small, dataset, batch=batch, progress=progress)[sens.metric])
+    return {"threshold": None, "input_size": [w, h], "label": f"{w}x{h}", sens.metric: measured,
+            "loss": sens.baseline - measured, "params": small.graph.total_params,
+            "bflops": round(small.graph.total_bflops, 6), "cfg": str(cfg_out), "weights": str(weights_out),
+            "opencv_loads": _opencv_loads(cfg_out, weights_out)}
+
+
 def _add_timings(rows: list[dict], timings: list[dict]) -> None:
     for row, timing in zip(rows, timings):
         for key, value in timing.items():
@@ -189,13 +220,17 @@ def _plot(result: dict, path) -> None:
     m = result["metric"]
     rows = result["rows"]
     pruned = [r for r in rows if r["threshold"] is not None]
+    sizes = [r for r in rows if r.get("input_size")]
     series = [
         {"label": "pruned (threshold)", "x": [r["bflops"] for r in pruned], "y": [r[m] for r in pruned],
          "point_labels": [r["label"] for r in pruned]},
+    ] + ([{"label": "unpruned, smaller input", "x": [r["bflops"] for r in sizes], "y": [r[m] for r in sizes],
+           "point_labels": [r["label"] for r in sizes]}] if sizes else []) + [
         {"label": "original", "x": [rows[0]["bflops"]], "y": [rows[0][m]], "highlight": True,
          "point_labels": ["original"]},
     ]
-    line_chart(path, series, f"{m} against BFLOPs, one point per threshold", "BFLOPs (Darknet's count)", m)
+    title = f"{m} against BFLOPs, one point per threshold" + (" or input size" if sizes else "")
+    line_chart(path, series, title, "BFLOPs (Darknet's count)", m)
 
 
 def format_sweep(result: dict) -> str:
@@ -212,7 +247,7 @@ def format_sweep(result: dict) -> str:
         cv = f"{r['opencv_ms']:.1f}" if r.get("opencv_ms") else "-"
         lines.append(f"{r['label']:<10}{r[m]:8.4f}{loss:>9}{predicted:>10}{promise:>9}{groups:>7}{r['bflops']:8.3f}"
                      f"{r['params']:10,}{r['ours_ms']:9.1f}{cv:>10}  "
-                     f"{Path(r['cfg']).name if r['threshold'] is not None else ''}")
+                     f"{Path(r['cfg']).name if r['threshold'] is not None or r.get('input_size') else ''}")
     folder = Path(result["json"]).parent / "sweep"
     lines.append(f"written: {result['json']}, {result['plot']}, pruned pairs in {folder}")
     return "\n".join(lines)
