@@ -29,8 +29,8 @@ def parse_input_size(text: str) -> tuple[int, int]:
 
 def with_input_size(model: Model, width: int, height: int) -> Model:
     """`model` at input width x height: a new cfg ([net] width/height set), the same parameter arrays (shared, not
-    copied) and header; no pruning masks (resize after `transform`). Raises DarkpruneError naming the layer whose shapes do not fit, or
-    whose parameters would change size."""
+    copied) and header; no pruning masks (resize after `transform`). Raises DarkpruneError naming the layer whose
+    shapes do not fit, or whose parameters would change size."""
     width, height = int(width), int(height)
     if width <= 0 or height <= 0:
         raise DarkpruneError(f"input size {width}x{height}: width and height must be positive")

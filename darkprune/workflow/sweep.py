@@ -76,8 +76,8 @@ def sweep(cfg, weights, data, workspace, thresholds, rates=None, criterion="l1",
     """Analyse once, then for each threshold prune, transform, evaluate, write the pair and time it. Returns the
     table as a dict: {"metric", "baseline", "images", "noise", "rows": [...], "json", "plot", ...}. `cluster`: run
     the analysis' groups on a Dask cluster, as `analyze(..., cluster=)` takes it (the same curves). `input_sizes`:
-    [(width, height), ...] or text ("288x256,256") at which the unpruned model is measured too (the other way to fewer BFLOPs), each pair
-    written, evaluated, loaded in OpenCV and timed as the pruned ones."""
+    [(width, height), ...] or text ("288x256,256") at which the unpruned model is measured too (the other way to
+    fewer BFLOPs), each pair written, evaluated, loaded in OpenCV and timed as the pruned ones."""
     from ..darknet import load
     from ..prune.analysis import DEFAULT_RATES, _check_rates, resolve_exclude
     from ..prune.masks import structure_fingerprint
