@@ -191,7 +191,7 @@ def curve_row(model, sens, target, args, stages, folder, held_out, calib):
 def input_size_rows(model, sens, args, stages, held_out) -> list[dict]:
     """The unpruned model at each of --input-sizes; at the last one also with the --sizes-cut channel cut,
     compensated and reconstructed at that size (the original at that size as the reference)."""
-    from darkprune.darknet.resize import parse_input_size, with_input_size
+    from darkprune.darknet.resize import parse_input_sizes, with_input_size
     from darkprune.prune.calibration import calibration_inputs
     from darkprune.prune.masks import Masks
     from darkprune.prune.plan import masks_for_plan, plan_by_rate
@@ -199,7 +199,7 @@ def input_size_rows(model, sens, args, stages, held_out) -> list[dict]:
     from darkprune.workflow.timing import latencies
     base = model.graph.total_bflops
     rows = []
-    sizes = [parse_input_size(t) for t in args.input_sizes.split(",") if t.strip()]
+    sizes = parse_input_sizes(args.input_sizes)
     for k, (w, h) in enumerate(sizes):
         resized = with_input_size(model, w, h)
         cuts = [0.0] + ([args.sizes_cut] if k == len(sizes) - 1 and args.sizes_cut > 0 else [])

@@ -27,6 +27,11 @@ def parse_input_size(text: str) -> tuple[int, int]:
     return sizes[0], sizes[-1]
 
 
+def parse_input_sizes(text: str) -> list[tuple[int, int]]:
+    """'288x256,256' -> [(288, 256), (256, 256)] (empty items skipped)."""
+    return [parse_input_size(t) for t in str(text).split(",") if t.strip()]
+
+
 def with_input_size(model: Model, width: int, height: int) -> Model:
     """`model` at input width x height: a new cfg ([net] width/height set), the same parameter arrays (shared, not
     copied) and header; no pruning masks (resize after `transform`). Raises DarkpruneError naming the layer whose

@@ -36,7 +36,7 @@ import numpy as np
 from darkprune.engine.activations import CROSS_CHANNEL_CODES, LINEAR, activate_, activation_code
 from darkprune.engine.blas import limit_threads, matmul, threads_for
 from darkprune.engine.conv_depthwise import direct_1ch_backward, direct_1ch_forward, direct_1ch_scratch_elements
-from darkprune.engine.conv_direct import direct3x3_forward, direct3x3_scratch, pad_split
+from darkprune.engine.conv_direct import direct3x3_forward, pad_split, padded_input
 from darkprune.engine.conv_gemm import (
     batched_gemm,
     col2im_add,
@@ -284,7 +284,7 @@ class Conv2dPlan:
 
     def _forward_direct_3x3(self, x, y):
         nb, oh, ow = x.shape[0], y.shape[2], y.shape[3]
-        xp = direct3x3_scratch(x.shape, self.pad, self.stride_y, self.stride_x, oh, ow, self.dtype)
+        xp = padded_input(x.shape, self.pad, self.stride_y, self.stride_x, oh, ow, self.dtype)
         pad_split(x, self.pad, xp)
         # about four jobs per thread (rows of one image each), so that the threads finish together
         rows = max(1, min(oh, nb * oh // (4 * numba.get_num_threads())))

@@ -17,15 +17,17 @@ import numpy as np
 from numba import njit, prange
 
 from darkprune.engine.activations import bias_act_row
+from darkprune.engine.conv_gemm import row_block
 
 
-def padded_shape(x_shape, pad: int, stride_y: int, stride_x: int, oh: int, ow: int) -> tuple:
-    """Shape of pad_split's output for an input of `x_shape` and an output of oh x ow: (N, C, rows, stride_x,
-    columns per phase), large enough for every tap of every output position."""
+def padded_input(x_shape, pad: int, stride_y: int, stride_x: int, oh: int, ow: int, dtype) -> np.ndarray:
+    """An array for pad_split's output (fresh each call: it is as small as the input): (N, C, rows, stride_x,
+    columns per phase) for an input of `x_shape` and an output of oh x ow, large enough for every tap of every
+    output position."""
     nb, c, h, w = x_shape
     rows = max(h + 2 * pad, (oh - 1) * stride_y + 3)
     cols = max(w + 2 * pad, (ow - 1) * stride_x + 3)
-    return nb, c, rows, stride_x, (cols + stride_x - 1) // stride_x + 1
+    return np.empty((nb, c, rows, stride_x, (cols + stride_x - 1) // stride_x + 1), dtype=dtype)
 
 
 @njit(cache=True, parallel=True, nogil=True)
@@ -87,9 +89,7 @@ def direct3x3_forward(xp, w, bias, sy, oh, ow, code, y, rows_per_job):
     jobs_per_img = (oh + rows_per_job - 1) // rows_per_job
     yflat = y.reshape(-1)
     for job in prange(nb * jobs_per_img):
-        b = job // jobs_per_img
-        oy0 = (job % jobs_per_img) * rows_per_job
-        oy1 = min(oh, oy0 + rows_per_job)
+        b, oy0, oy1 = row_block(job, jobs_per_img, rows_per_job, oh)
         spare = np.empty(ow, dtype=y.dtype)      # the partner row of an odd last filter
         for oy in range(oy0, oy1):
             r = oy * sy
@@ -111,8 +111,3 @@ def direct3x3_forward(xp, w, bias, sy, oh, ow, code, y, rows_per_job):
             for f in range(n):          # the epilogue while the rows are still in cache
                 base = (b * n + f) * s + oy * ow
                 bias_act_row(yflat, base, base + ow, bias[f], code)
-
-
-def direct3x3_scratch(x_shape, pad, stride_y, stride_x, oh, ow, dtype) -> np.ndarray:
-    """An array for pad_split's output (fresh each call: it is as small as the input)."""
-    return np.empty(padded_shape(x_shape, pad, stride_y, stride_x, oh, ow), dtype=dtype)

@@ -106,6 +106,13 @@ def col2im_add(col, b, c0, cg, kh, kw, sy, sx, pad, dil, oh, ow, gx):
 
 
 @njit(cache=True, inline="always")
+def row_block(job, jobs_per_img, rows_per_job, oh):
+    """Job `job` of a kernel split into blocks of `rows_per_job` output rows per image: (image, first row, end)."""
+    oy0 = (job % jobs_per_img) * rows_per_job
+    return job // jobs_per_img, oy0, min(oh, oy0 + rows_per_job)
+
+
+@njit(cache=True, inline="always")
 def _im2col_block(x, b, c0, cg, kh, kw, sy, sx, pad, dil, oy0, oy1, ow, col):
     """col[row*ncols + (oy-oy0)*ow + ox] for output rows oy0..oy1 of image b, channels c0..c0+cg (sequential)."""
     ncols = (oy1 - oy0) * ow
@@ -129,9 +136,7 @@ def conv_im2col_kernel(x, w2d, bias, groups, kh, kw, sy, sx, pad, dil, oh, ow, c
     yflat = y.reshape(-1)
     for job in prange(nb * jobs_per_img):
         col = ws[numba.get_thread_id()]
-        b = job // jobs_per_img
-        oy0 = (job % jobs_per_img) * rows_per_job
-        oy1 = min(oh, oy0 + rows_per_job)
+        b, oy0, oy1 = row_block(job, jobs_per_img, rows_per_job, oh)
         ncols = (oy1 - oy0) * ow
         for g in range(groups):
             _im2col_block(x, b, g * cg, cg, kh, kw, sy, sx, pad, dil, oy0, oy1, ow, col)

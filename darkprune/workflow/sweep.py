@@ -30,7 +30,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..darknet.resize import parse_input_size, with_input_size
+from ..darknet.resize import parse_input_sizes, with_input_size
 from ..errors import SettingError
 from .steps import transform_and_check, validation_set
 from .timing import latencies
@@ -187,7 +187,7 @@ def _prune_at(model, sens, dataset, t, noise, divisible, excluded, out_dir, batc
 
 def _sizes(sizes) -> list[tuple[int, int]]:
     if isinstance(sizes, str):
-        return [parse_input_size(t) for t in sizes.split(",") if t.strip()]
+        return parse_input_sizes(sizes)
     return [(int(w), int(h)) for w, h in sizes]
 
 
